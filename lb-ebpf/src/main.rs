@@ -1,0 +1,35 @@
+//! mptcp-lb's kernel side: the XDP balancer and a bare XDP_PASS program used as the
+//! benchmark floor.
+//!
+//! On the host this crate compiles to an empty binary so `cargo clippy --workspace`
+//! works; the real object is built for bpfel-unknown-none by lb-userspace's build.rs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod parse;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+/// The load balancer's entry point, attached to the interface that receives VIP traffic.
+#[xdp]
+pub fn mptcp_lb(ctx: XdpContext) -> u32 {
+    // A packet we cannot parse is not ours to judge: the host stack gets it.
+    match parse::parse(&ctx) {
+        Ok(_) | Err(_) => xdp_action::XDP_PASS,
+    }
+}
+
+/// Does nothing but pass: the floor that `cargo xtask bench` measures beside the balancer.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,29 @@
+//! The embedded eBPF object and loading it into the kernel.
+
+use anyhow::Context as _;
+use aya::Ebpf;
+
+/// Name of the XDP balancer program inside the object.
+pub const PROG_BALANCER: &str = "mptcp_lb";
+/// Name of the bare XDP_PASS program (the benchmark floor).
+pub const PROG_PASS: &str = "xdp_pass";
+
+/// The eBPF object built by build.rs from lb-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Parses the embedded object and creates its maps (programs are loaded by the caller).
+pub fn open() -> anyhow::Result<Ebpf> {
+    raise_memlock_limit();
+    Ebpf::load(EBPF_OBJECT).context("parsing the embedded eBPF object and creating its maps")
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless after.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct; failure only matters on old kernels,
+    // where the load that follows reports it.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}

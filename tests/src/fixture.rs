@@ -1,0 +1,114 @@
+//! Packet fixtures, Katran's habit: a table of {description, input, expected verdict,
+//! expected output}, each run once through BPF_PROG_TEST_RUN, printed as
+//! `#N description PASS/FAIL` with a hex diff on failure.
+
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub fn verdict_name(v: u32) -> &'static str {
+    match v {
+        XDP_ABORTED => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
+        XDP_REDIRECT => "XDP_REDIRECT",
+        _ => "unknown",
+    }
+}
+
+/// What the packet must look like after the program.
+pub enum Output {
+    /// Byte for byte what went in.
+    Unchanged,
+    /// Exactly these bytes.
+    Exactly(Vec<u8>),
+}
+
+pub struct Fixture {
+    pub description: String,
+    pub input: Vec<u8>,
+    pub verdict: u32,
+    pub output: Output,
+}
+
+/// Runs one packet through the program; returns the verdict and the packet as it left.
+pub fn run_once(prog: &Xdp, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let mut opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    opts.repeat = 1;
+    let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .enumerate()
+        .map(|(i, c)| {
+            let h: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
+            format!("    {:04x}  {}\n", i * 16, h.join(" "))
+        })
+        .collect()
+}
+
+/// Line-by-line hex of what was expected and what came out, marking lines that differ.
+pub fn hex_diff(expected: &[u8], got: &[u8]) -> String {
+    let (e, g) = (hex(expected), hex(got));
+    let (el, gl): (Vec<&str>, Vec<&str>) = (e.lines().collect(), g.lines().collect());
+    let mut s = String::from("    expected / got (lines that differ marked !)\n");
+    for i in 0..el.len().max(gl.len()) {
+        let a = el.get(i).copied().unwrap_or("");
+        let b = gl.get(i).copied().unwrap_or("");
+        let mark = if a == b { ' ' } else { '!' };
+        s.push_str(&format!("  {mark} {a:<58} | {}\n", b.trim_start()));
+    }
+    s
+}
+
+/// Runs the table in order (later cases may depend on state earlier ones created) and
+/// panics listing the failures.
+pub fn run_table(prog: &Xdp, table: &[Fixture]) {
+    let mut failed = Vec::new();
+    for (i, f) in table.iter().enumerate() {
+        let n = i + 1;
+        let (verdict, out) = run_once(prog, &f.input);
+        let expected = match &f.output {
+            Output::Unchanged => &f.input,
+            Output::Exactly(p) => p,
+        };
+        let ok_verdict = verdict == f.verdict;
+        let ok_packet = &out == expected;
+        if ok_verdict && ok_packet {
+            println!("#{n} {} PASS", f.description);
+            continue;
+        }
+        println!("#{n} {} FAIL", f.description);
+        if !ok_verdict {
+            println!(
+                "    verdict: expected {}, got {}",
+                verdict_name(f.verdict),
+                verdict_name(verdict)
+            );
+        }
+        if !ok_packet {
+            print!("{}", hex_diff(expected, &out));
+        }
+        failed.push(format!("#{n} {}", f.description));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} fixture(s) failed: {}",
+        failed.len(),
+        failed.join(", ")
+    );
+}
