@@ -3,4 +3,7 @@
 //! host run the same code, and the host can test and fuzz it.
 #![no_std]
 
+pub mod counters;
+pub mod hash;
+pub mod maps;
 pub mod packet;

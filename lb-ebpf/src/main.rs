@@ -1,22 +1,29 @@
-//! mptcp-lb's kernel side: the XDP balancer and a bare XDP_PASS program used as the
-//! benchmark floor.
+//! mptcp-lb's kernel side: the XDP balancer, the backends' decapsulation program, and
+//! a bare XDP_PASS program used as the benchmark floor.
 //!
 //! On the host this crate compiles to an empty binary so `cargo clippy --workspace`
 //! works; the real object is built for bpfel-unknown-none by lb-userspace's build.rs.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod balancer;
+mod decap;
+mod encap;
+mod maps;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
-/// The load balancer's entry point, attached to the interface that receives VIP traffic.
+/// The load balancer, attached to the interface that receives VIP traffic.
 #[xdp]
 pub fn mptcp_lb(ctx: XdpContext) -> u32 {
-    // A packet we cannot parse is not ours to judge: the host stack gets it.
-    match parse::parse(&ctx) {
-        Ok(_) | Err(_) => xdp_action::XDP_PASS,
-    }
+    balancer::balance(&ctx)
+}
+
+/// Backend side: tunnel decapsulation.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap::decap(&ctx)
 }
 
 /// Does nothing but pass: the floor that `cargo xtask bench` measures beside the balancer.

@@ -17,6 +17,8 @@ pub enum ParseError {
 /// What the balancer needs to know about a packet.
 #[derive(Clone, Copy)]
 pub struct Packet {
+    /// Offset of the IP header (after Ethernet and an optional VLAN tag).
+    pub l3_off: usize,
     /// Offset of the transport header, when there is one we parsed.
     pub l4_off: usize,
     pub ipv6: bool,
@@ -33,6 +35,8 @@ pub struct Packet {
     pub fragment: bool,
     /// Length of the IP packet from its own header (total length / payload + 40).
     pub ip_len: u16,
+    /// The IP header is whole but the TCP/UDP header is cut short.
+    pub l4_truncated: bool,
 }
 
 /// The one accessor for packet memory: a pointer to a `T` at `off`, or `Truncated` when
@@ -55,6 +59,16 @@ fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, ParseError> {
     Ok(unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// Reads a `T` at `off` inside a header `H` whose pointer `ptr_at` already checked; the
+/// verifier then sees a constant offset from a checked pointer.
+#[inline(always)]
+pub fn field<H, T: Copy>(hdr: *const H, off: usize) -> T {
+    debug_assert!(off + core::mem::size_of::<T>() <= core::mem::size_of::<H>());
+    // SAFETY: callers pass offsets inside H (the assertion above in debug builds), and
+    // hdr was bounds-checked for size_of::<H>() bytes.
+    unsafe { core::ptr::read_unaligned((hdr as *const u8).add(off) as *const T) }
+}
+
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
     let mut off = ETH_HLEN;
@@ -64,6 +78,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
         off += VLAN_HLEN;
     }
     let mut pkt = Packet {
+        l3_off: off,
         l4_off: 0,
         ipv6: false,
         proto: 0,
@@ -74,10 +89,12 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
         tcp_flags: 0,
         fragment: false,
         ip_len: 0,
+        l4_truncated: false,
     };
     match ethertype {
         ETH_P_IP => {
-            let vihl = read::<u8>(ctx, off)?;
+            let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, off)?;
+            let vihl: u8 = field(ip, 0);
             if vihl >> 4 != 4 {
                 return Err(ParseError::NotIp);
             }
@@ -85,30 +102,25 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
             if ihl < IPV4_MIN_HLEN {
                 return Err(ParseError::BadHeader);
             }
-            // The whole header, options included, must be in the packet.
-            ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, off)?;
-            pkt.ip_len = u16::from_be(read::<u16>(ctx, off + 2)?);
-            let frag = u16::from_be(read::<u16>(ctx, off + 6)?);
+            pkt.ip_len = u16::from_be(field(ip, 2));
+            let frag = u16::from_be(field(ip, 6));
             pkt.fragment = frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0;
-            pkt.proto = read::<u8>(ctx, off + 9)?;
-            pkt.src[0] = read::<u32>(ctx, off + 12)?;
-            pkt.dst[0] = read::<u32>(ctx, off + 16)?;
+            pkt.proto = field(ip, 9);
+            pkt.src[0] = field(ip, 12);
+            pkt.dst[0] = field(ip, 16);
             pkt.l4_off = off + ihl;
-            if pkt.l4_off > ctx.data_end() - ctx.data() {
-                return Err(ParseError::Truncated);
-            }
         }
         ETH_P_IPV6 => {
-            let v = read::<u8>(ctx, off)?;
+            let ip = ptr_at::<[u8; IPV6_HLEN]>(ctx, off)?;
+            let v: u8 = field(ip, 0);
             if v >> 4 != 6 {
                 return Err(ParseError::NotIp);
             }
             pkt.ipv6 = true;
-            ptr_at::<[u8; IPV6_HLEN]>(ctx, off)?;
-            pkt.ip_len = u16::from_be(read::<u16>(ctx, off + 4)?).wrapping_add(IPV6_HLEN as u16);
-            pkt.proto = read::<u8>(ctx, off + 6)?;
-            pkt.src = read::<[u32; 4]>(ctx, off + 8)?;
-            pkt.dst = read::<[u32; 4]>(ctx, off + 24)?;
+            pkt.ip_len = u16::from_be(field(ip, 4)).wrapping_add(IPV6_HLEN as u16);
+            pkt.proto = field(ip, 6);
+            pkt.src = field(ip, 8);
+            pkt.dst = field(ip, 24);
             pkt.l4_off = off + IPV6_HLEN;
         }
         _ => return Err(ParseError::NotIp),
@@ -118,15 +130,21 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
     }
     match pkt.proto {
         IPPROTO_TCP => {
-            ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, pkt.l4_off)?;
-            pkt.sport = read::<u16>(ctx, pkt.l4_off)?;
-            pkt.dport = read::<u16>(ctx, pkt.l4_off + 2)?;
-            pkt.tcp_flags = read::<u8>(ctx, pkt.l4_off + 13)?;
+            let Ok(tcp) = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, pkt.l4_off) else {
+                pkt.l4_truncated = true;
+                return Ok(pkt);
+            };
+            pkt.sport = field(tcp, 0);
+            pkt.dport = field(tcp, 2);
+            pkt.tcp_flags = field(tcp, 13);
         }
         IPPROTO_UDP => {
-            ptr_at::<[u8; UDP_HLEN]>(ctx, pkt.l4_off)?;
-            pkt.sport = read::<u16>(ctx, pkt.l4_off)?;
-            pkt.dport = read::<u16>(ctx, pkt.l4_off + 2)?;
+            let Ok(udp) = ptr_at::<[u8; UDP_HLEN]>(ctx, pkt.l4_off) else {
+                pkt.l4_truncated = true;
+                return Ok(pkt);
+            };
+            pkt.sport = field(udp, 0);
+            pkt.dport = field(udp, 2);
         }
         _ => {}
     }

@@ -5,6 +5,8 @@ use aya::Ebpf;
 
 /// Name of the XDP balancer program inside the object.
 pub const PROG_BALANCER: &str = "mptcp_lb";
+/// Name of the backends' decapsulation program.
+pub const PROG_DECAP: &str = "lb_decap";
 /// Name of the bare XDP_PASS program (the benchmark floor).
 pub const PROG_PASS: &str = "xdp_pass";
 
@@ -18,7 +20,7 @@ pub fn open() -> anyhow::Result<Ebpf> {
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless after.
-fn raise_memlock_limit() {
+pub fn raise_memlock_limit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,

@@ -1,37 +1,96 @@
 //! `mptcp-lb`: the controller daemon and CLI.
-use clap::Parser;
+use anyhow::Context as _;
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{decap, loader};
 
 /// An XDP layer-4 load balancer that keeps every subflow of a Multipath TCP connection
 /// on the same backend.
 #[derive(Parser)]
 #[command(name = "mptcp-lb", version, about)]
 struct Cli {
+    /// Root of the BPF filesystem where links and maps are pinned.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf")]
+    bpffs: String,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(clap::Subcommand)]
+#[derive(Subcommand)]
 enum Command {
-    /// Load the dataplane into the kernel (verifier check) without attaching it.
+    /// Load the dataplane programs into the kernel (verifier check) without attaching.
     Check,
+    /// Backend side: strip IPIP/IP6IP6 tunnels addressed to this host (for hosts
+    /// without the ipip/ip6tnl drivers).
+    Decap {
+        #[command(subcommand)]
+        action: DecapAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DecapAction {
+    /// Attach the decapsulation program to IFACE; it stays attached after exit.
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+    },
+    /// Detach it again.
+    Detach {
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Native (driver) mode, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl Mode {
+    fn xdp(self) -> Option<XdpMode> {
+        match self {
+            Mode::Auto => None,
+            Mode::Native => Some(XdpMode::Driver),
+            Mode::Generic => Some(XdpMode::Skb),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Check => {
-            let mut ebpf = lb_userspace::loader::open()?;
-            for name in [
-                lb_userspace::loader::PROG_BALANCER,
-                lb_userspace::loader::PROG_PASS,
-            ] {
+            let mut ebpf = loader::open()?;
+            for name in [loader::PROG_BALANCER, loader::PROG_DECAP, loader::PROG_PASS] {
                 let prog: &mut aya::programs::Xdp = ebpf
                     .program_mut(name)
-                    .ok_or_else(|| anyhow::anyhow!("program {name} missing from the object"))?
+                    .with_context(|| format!("program {name} missing from the object"))?
                     .try_into()?;
-                prog.load()?;
+                prog.load()
+                    .with_context(|| format!("the verifier refused {name}"))?;
                 println!("{name}: loaded, verifier accepted it");
             }
+        }
+        Command::Decap {
+            action: DecapAction::Attach { iface, mode },
+        } => {
+            let got = decap::attach(&cli.bpffs, &iface, mode.xdp())?;
+            println!("decapsulation attached to {iface} ({got:?} mode)");
+        }
+        Command::Decap {
+            action: DecapAction::Detach { iface },
+        } => {
+            decap::detach(&cli.bpffs, &iface)?;
+            println!("decapsulation detached from {iface}");
         }
     }
     Ok(())

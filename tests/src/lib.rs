@@ -2,6 +2,7 @@
 //! packet-fixture runner over BPF_PROG_TEST_RUN, and packet builders.
 
 pub mod fixture;
+pub mod netns;
 pub mod packets;
 
 /// True when the test may go on. Not root: prints why it skips, or under `CI=true`

@@ -124,3 +124,78 @@ pub fn with_vlan(frame: &[u8], vid: u16) -> Vec<u8> {
     v.extend_from_slice(&frame[12..]);
     v
 }
+
+/// RFC 1071 checksum over `bytes`.
+pub fn inet_csum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The IP packet inside an Ethernet frame (after an optional VLAN tag), trimmed to the
+/// length its own header gives.
+pub fn ip_of(frame: &[u8]) -> Vec<u8> {
+    let off = if frame[12..14] == [0x81, 0x00] {
+        18
+    } else {
+        14
+    };
+    let ip = &frame[off..];
+    let len = if ip[0] >> 4 == 4 {
+        usize::from(u16::from_be_bytes([ip[2], ip[3]]))
+    } else {
+        40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))
+    };
+    ip[..len].to_vec()
+}
+
+/// What the balancer must emit for `inner` sent to an IPv4 backend: Ethernet, then an
+/// outer IPv4 header (protocol 4 or 41 after the inner version, TTL 64, no options,
+/// checksum), then the inner packet untouched.
+pub fn ipip4(dmac: [u8; 6], smac: [u8; 6], src: [u8; 4], dst: [u8; 4], inner: &[u8]) -> Vec<u8> {
+    let proto = if inner[0] >> 4 == 6 { 41 } else { 4 };
+    let total = (20 + inner.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, proto, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = inet_csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut v = Vec::new();
+    v.extend_from_slice(&dmac);
+    v.extend_from_slice(&smac);
+    v.extend_from_slice(&0x0800u16.to_be_bytes());
+    v.extend_from_slice(&ip);
+    v.extend_from_slice(inner);
+    v
+}
+
+/// The same for an IPv6 backend: outer IPv6 with next header 4 or 41, hop limit 64 and
+/// the given flow label.
+pub fn ipip6(
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    flow_label: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let nh = if inner[0] >> 4 == 6 { 41 } else { 4 };
+    let mut v = Vec::new();
+    v.extend_from_slice(&dmac);
+    v.extend_from_slice(&smac);
+    v.extend_from_slice(&0x86ddu16.to_be_bytes());
+    v.extend_from_slice(&(0x6000_0000u32 | (flow_label & 0xf_ffff)).to_be_bytes());
+    v.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+    v.extend_from_slice(&[nh, 64]);
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&dst);
+    v.extend_from_slice(inner);
+    v
+}

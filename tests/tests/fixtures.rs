@@ -1,65 +1,580 @@
-//! The balancer program through BPF_PROG_TEST_RUN: the verifier accepts it, and each
-//! crafted packet gets the expected verdict and leaves as expected.
+//! The balancer through BPF_PROG_TEST_RUN, Katran style: a table of {description, input,
+//! expected verdict, expected output}. It runs inside a network namespace whose routes
+//! and permanent neighbour entries make the FIB lookups, and so the output frames,
+//! deterministic.
 
-use aya::programs::Xdp;
-use lb_userspace::loader;
+use std::net::IpAddr;
+
+use lb_common::{
+    counters::Counter,
+    hash::flow_hash,
+    maps::{BACKEND_ACTIVE, Config, FlowKey},
+};
+use lb_userspace::{
+    dataplane::{Dataplane, Sizes, addr_words},
+    maglev,
+};
 use mptcp_lb_tests::{
-    fixture::{Fixture, Output, XDP_PASS, run_table},
+    fixture::{Fixture, Output, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, run_once, run_table},
+    netns::{Netns, veth},
     packets::*,
     privileged,
 };
 
-const CLIENT4: [u8; 4] = [10, 0, 0, 1];
-const OTHER4: [u8; 4] = [10, 0, 0, 99];
-const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const OTHER6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99,
+const CLIENT4: [u8; 4] = [192, 0, 2, 10];
+const CLIENT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
 ];
+const OTHER4: [u8; 4] = [198, 51, 100, 1];
+const OTHER6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+const LB4: [u8; 4] = [10, 10, 0, 1];
+const LB6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GW_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+const OUT_GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
+const SEED: u32 = 0x5eed_1234;
+const RING: u32 = 1009;
 
-fn pass_untouched(description: &str, input: Vec<u8>) -> Fixture {
-    Fixture {
-        description: description.into(),
-        input,
-        verdict: XDP_PASS,
-        output: Output::Unchanged,
+fn v4(a: [u8; 4]) -> IpAddr {
+    IpAddr::from(a)
+}
+fn v6(a: [u8; 16]) -> IpAddr {
+    IpAddr::from(a)
+}
+fn vip4(last: u8) -> [u8; 4] {
+    [10, 100, 0, last]
+}
+fn vip6(last: u8) -> [u8; 16] {
+    [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last]
+}
+
+// Backends: ids 1-2 are routed out of the ingress interface (XDP_TX), 3-4 out of the
+// other one (XDP_REDIRECT); 5-7 share a service to exercise Maglev.
+const BE1: [u8; 4] = [10, 1, 0, 11];
+const BE2: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12];
+const BE3: [u8; 4] = [10, 2, 0, 13];
+const BE4: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14];
+const MAGLEV_BES: [[u8; 4]; 3] = [[10, 1, 0, 21], [10, 1, 0, 22], [10, 1, 0, 23]];
+
+struct Env {
+    ns: Netns,
+    _peer: Netns,
+    lb_mac: [u8; 6],
+    out_mac: [u8; 6],
+    ifindex: u32,
+}
+
+/// The balancer's namespace `mlb-<tag>` and a peer holding the other veth ends.
+fn environment(tag: &str) -> Env {
+    let ns = Netns::new(&format!("mlb-{tag}"));
+    let peer = Netns::new(&format!("mlb-{tag}-peer"));
+    veth(&ns, "lb0", &peer, "gw0", 1500);
+    veth(&ns, "out0", &peer, "gw1", 1500);
+    ns.addr("lb0", "10.10.0.1/24");
+    ns.addr("lb0", "fd00:10::1/64");
+    ns.addr("out0", "10.20.0.1/24");
+    ns.addr("out0", "fd00:20::1/64");
+    ns.neigh_permanent("lb0", "10.10.0.254", "02:aa:00:00:00:01");
+    ns.neigh_permanent("lb0", "fd00:10::fe", "02:aa:00:00:00:01");
+    ns.neigh_permanent("out0", "10.20.0.254", "02:bb:00:00:00:01");
+    ns.neigh_permanent("out0", "fd00:20::fe", "02:bb:00:00:00:01");
+    ns.route(&["10.1.0.0/24", "via", "10.10.0.254"]);
+    ns.route(&["fd00:1::/64", "via", "fd00:10::fe"]);
+    ns.route(&["10.2.0.0/24", "via", "10.20.0.254"]);
+    ns.route(&["fd00:2::/64", "via", "fd00:20::fe"]);
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    Env {
+        lb_mac: ns.mac("lb0"),
+        out_mac: ns.mac("out0"),
+        ifindex: ns.ifindex("lb0"),
+        ns,
+        _peer: peer,
     }
 }
 
+fn key4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_words(v4(src)).0,
+        dst: addr_words(v4(dst)).0,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family: 4,
+        _pad: [0; 2],
+    }
+}
+
+fn key6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> FlowKey {
+    FlowKey {
+        src: addr_words(v6(src)).0,
+        dst: addr_words(v6(dst)).0,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: 6,
+        family: 6,
+        _pad: [0; 2],
+    }
+}
+
+fn case(description: &str, input: Vec<u8>, verdict: u32, output: Output) -> Fixture {
+    Fixture {
+        description: description.into(),
+        input,
+        verdict,
+        output,
+    }
+}
+
+fn configure(dp: &mut Dataplane) -> Vec<u32> {
+    dp.set_config(Config {
+        seed: SEED,
+        src4: addr_words(v4(LB4)).0[0],
+        src6: addr_words(v6(LB6)).0,
+        ..Default::default()
+    })
+    .expect("config");
+    let backends: [(u32, IpAddr); 4] = [(1, v4(BE1)), (2, v6(BE2)), (3, v4(BE3)), (4, v6(BE4))];
+    for (id, addr) in backends {
+        dp.set_backend(id, addr, BACKEND_ACTIVE).expect("backend");
+    }
+    let single = |id: u32, addr: IpAddr| {
+        vec![maglev::Member {
+            id,
+            key: addr.to_string(),
+            weight: 1,
+        }]
+    };
+    // One service per encapsulation combination, each with a single backend.
+    for (service, vip, (id, addr)) in [
+        (0, v4(vip4(1)), backends[0]),
+        (1, v4(vip4(2)), backends[1]),
+        (2, v6(vip6(3)), backends[2]),
+        (3, v6(vip6(4)), backends[3]),
+    ] {
+        dp.add_vip(vip, 80, 6, service).expect("vip");
+        dp.set_ring(service, &single(id, addr)).expect("ring");
+    }
+    dp.add_vip(v4(vip4(1)), 53, 17, 0).expect("udp vip");
+    // Service 5: three backends under Maglev.
+    let members: Vec<maglev::Member> = MAGLEV_BES
+        .iter()
+        .enumerate()
+        .map(|(i, a)| maglev::Member {
+            id: 5 + i as u32,
+            key: v4(*a).to_string(),
+            weight: 1,
+        })
+        .collect();
+    for m in &members {
+        dp.set_backend(m.id, m.key.parse().expect("addr"), BACKEND_ACTIVE)
+            .expect("backend");
+    }
+    dp.add_vip(v4(vip4(6)), 80, 6, 5).expect("vip");
+    dp.set_ring(5, &members).expect("ring");
+    // Service 6: a VIP with no backend.
+    dp.add_vip(v4(vip4(7)), 80, 6, 6).expect("vip");
+    maglev::build(&members, RING)
+}
+
 #[test]
-fn parser_passes_everything_untouched() {
-    if !privileged("parser_passes_everything_untouched") {
+fn balancer_fixtures() {
+    if !privileged("balancer_fixtures") {
         return;
     }
-    let mut ebpf = loader::open().expect("open object");
-    let prog: &mut Xdp = ebpf
-        .program_mut(loader::PROG_BALANCER)
-        .expect("program")
-        .try_into()
-        .expect("xdp");
-    prog.load().expect("the verifier accepts the balancer");
+    let env = environment("fx");
+    let (lb_mac, out_mac, ifindex) = (env.lb_mac, env.out_mac, env.ifindex);
+    let ring = env.ns.within(move || {
+        let mut dp = Dataplane::load(Sizes {
+            ring_size: RING,
+            conn_entries: 4096,
+        })
+        .expect("load balancer");
+        let ring = configure(&mut dp);
+        let table = table(lb_mac, out_mac, &ring);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_table(dp.program(), &table, ifindex)
+        }));
+        for (c, v) in dp.counters().expect("counters") {
+            if v > 0 {
+                println!("    counter {}: {v}", c.label());
+            }
+        }
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+        check_state_after_table(&dp);
+        ring
+    });
+    assert_eq!(ring.len(), RING as usize);
+}
 
-    let syn4 = tcp4(CLIENT4, OTHER4, 40000, 80, SYN, &[], &[]);
-    let mut table = vec![
-        pass_untouched("IPv4 TCP SYN", syn4.clone()),
-        pass_untouched(
-            "IPv6 TCP SYN",
-            tcp6(CLIENT6, OTHER6, 40000, 80, SYN, &[], &[]),
+/// The connection table and counters the table must have left behind.
+fn check_state_after_table(dp: &Dataplane) {
+    let c = |k| dp.counter(k).expect("counter");
+    assert_eq!(
+        c(Counter::DropFragment),
+        2,
+        "fragments to a VIP are dropped and counted"
+    );
+    assert_eq!(c(Counter::DropIpv6Ext), 1);
+    assert_eq!(c(Counter::DropNoBackend), 1);
+    assert_eq!(c(Counter::DropTooBig), 1);
+    assert_eq!(c(Counter::DropTruncated), 4);
+    assert!(
+        c(Counter::ConnHit) >= 2,
+        "the ACK and the second UDP datagram hit the table"
+    );
+    assert_eq!(
+        c(Counter::ConnMissNonSyn),
+        2,
+        "the unknown ACK and the oversized ACK"
+    );
+    assert!(c(Counter::Tx) >= 5 && c(Counter::Redirect) >= 2);
+    let conn = dp
+        .maps
+        .conns
+        .get(&key4(CLIENT4, vip4(1), 40001, 80, 6), 0)
+        .expect("the SYN's flow is in the connection table");
+    assert_eq!(conn.backend, 1);
+    let traffic = dp.backend_traffic(1).expect("backend stats");
+    assert!(traffic.packets >= 3 && traffic.bytes > 0);
+}
+
+fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
+    let tx4 = |inner: &[u8], dst: [u8; 4]| ipip4(GW_MAC, lb_mac, LB4, dst, inner);
+    let flow_label = |k: &FlowKey| flow_hash(k, SEED);
+
+    let syn_v4v4 = tcp4(CLIENT4, vip4(1), 40001, 80, SYN, &[], &[]);
+    let syn_v4v6 = tcp4(CLIENT4, vip4(2), 40002, 80, SYN, &[], &[]);
+    let syn_v6v4 = tcp6(CLIENT6, vip6(3), 40003, 80, SYN, &[], &[]);
+    let syn_v6v6 = tcp6(CLIENT6, vip6(4), 40004, 80, SYN, &[], &[]);
+    let ack_known = tcp4(
+        CLIENT4,
+        vip4(1),
+        40001,
+        80,
+        ACK,
+        &[],
+        b"GET / HTTP/1.1\r\n\r\n",
+    );
+    let ack_unknown = tcp4(CLIENT4, vip4(1), 40099, 80, ACK, &[], b"data");
+    let udp = udp4(CLIENT4, vip4(1), 5353, 53, b"query");
+    let mut t = vec![
+        case(
+            "IPv4 TCP SYN to a non-VIP passes untouched",
+            tcp4(CLIENT4, OTHER4, 40000, 22, SYN, &[], &[]),
+            XDP_PASS,
+            Output::Unchanged,
         ),
-        pass_untouched("IPv4 UDP", udp4(CLIENT4, OTHER4, 5353, 53, b"query")),
-        pass_untouched("IPv6 UDP", udp6(CLIENT6, OTHER6, 5353, 53, b"query")),
-        pass_untouched("802.1Q IPv4 TCP", with_vlan(&syn4, 42)),
-        pass_untouched("ARP", {
-            let mut p = syn4[..42].to_vec();
-            p[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-            p
-        }),
+        case(
+            "IPv6 TCP SYN to a non-VIP passes untouched",
+            tcp6(CLIENT6, OTHER6, 40000, 22, SYN, &[], &[]),
+            XDP_PASS,
+            Output::Unchanged,
+        ),
+        case(
+            "IPv4 TCP to a VIP address on a port with no service",
+            tcp4(CLIENT4, vip4(1), 40000, 8080, SYN, &[], &[]),
+            XDP_PASS,
+            Output::Unchanged,
+        ),
+        case(
+            "UDP to a TCP-only VIP port",
+            udp4(CLIENT4, vip4(2), 40000, 80, b"x"),
+            XDP_PASS,
+            Output::Unchanged,
+        ),
+        case(
+            "IPv6 UDP to a non-VIP",
+            udp6(CLIENT6, OTHER6, 5353, 53, b"q"),
+            XDP_PASS,
+            Output::Unchanged,
+        ),
+        case(
+            "IPv4 VIP SYN, new flow -> IPv4 backend (IPIP, XDP_TX)",
+            syn_v4v4.clone(),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&syn_v4v4), BE1)),
+        ),
+        case(
+            "IPv4 VIP SYN -> IPv6 backend (4in6, XDP_TX)",
+            syn_v4v6.clone(),
+            XDP_TX,
+            Output::Exactly(ipip6(
+                GW_MAC,
+                lb_mac,
+                LB6,
+                BE2,
+                flow_label(&key4(CLIENT4, vip4(2), 40002, 80, 6)),
+                &ip_of(&syn_v4v6),
+            )),
+        ),
+        case(
+            "IPv6 VIP SYN -> IPv4 backend (6in4, XDP_REDIRECT)",
+            syn_v6v4.clone(),
+            XDP_REDIRECT,
+            Output::Exactly(ipip4(OUT_GW_MAC, out_mac, LB4, BE3, &ip_of(&syn_v6v4))),
+        ),
+        case(
+            "IPv6 VIP SYN -> IPv6 backend (IP6IP6, XDP_REDIRECT)",
+            syn_v6v6.clone(),
+            XDP_REDIRECT,
+            Output::Exactly(ipip6(
+                OUT_GW_MAC,
+                out_mac,
+                LB6,
+                BE4,
+                flow_label(&key6(CLIENT6, vip6(4), 40004, 80)),
+                &ip_of(&syn_v6v6),
+            )),
+        ),
+        case(
+            "ACK with data on the known flow -> its backend",
+            ack_known.clone(),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&ack_known), BE1)),
+        ),
+        case(
+            "ACK on an unknown flow -> Maglev fallback, counted",
+            ack_unknown.clone(),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&ack_unknown), BE1)),
+        ),
+        case(
+            "UDP to a VIP -> encapsulated",
+            udp.clone(),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&udp), BE1)),
+        ),
+        case(
+            "UDP again on the same flow (table hit)",
+            udp.clone(),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&udp), BE1)),
+        ),
+        case(
+            "802.1Q-tagged SYN to a VIP -> encapsulated, tag dropped",
+            with_vlan(&syn_v4v4, 7),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&syn_v4v4), BE1)),
+        ),
     ];
-    // BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header.
-    for cut in [14, 15, 20, 33, 34, 40, 53] {
-        table.push(pass_untouched(
-            &format!("IPv4 TCP truncated to {cut} bytes"),
-            syn4[..cut].to_vec(),
+
+    // IPv4 with options (IHL 6): the inner packet, options included, goes untouched.
+    let mut with_opts = tcp4(CLIENT4, vip4(1), 40010, 80, SYN, &[], &[]);
+    with_opts.splice(34..34, [1u8, 1, 1, 0]); // NOP NOP NOP EOL
+    with_opts[14] = 0x46;
+    let tot = u16::from_be_bytes([with_opts[16], with_opts[17]]) + 4;
+    with_opts[16..18].copy_from_slice(&tot.to_be_bytes());
+    with_opts[24..26].copy_from_slice(&[0, 0]);
+    let c = inet_csum(&with_opts[14..38]);
+    with_opts[24..26].copy_from_slice(&c.to_be_bytes());
+    t.push(case(
+        "IPv4 with options (IHL 6) to a VIP -> encapsulated whole",
+        with_opts.clone(),
+        XDP_TX,
+        Output::Exactly(tx4(&ip_of(&with_opts), BE1)),
+    ));
+
+    let frag = |flags_off: u16, dst: [u8; 4]| {
+        let mut p = udp4(CLIENT4, dst, 5353, 53, b"fragmented");
+        p[20..22].copy_from_slice(&flags_off.to_be_bytes());
+        p
+    };
+    t.push(case(
+        "IPv4 first fragment (MF) to a VIP address: dropped",
+        frag(0x2000, vip4(1)),
+        XDP_DROP,
+        Output::Unchanged,
+    ));
+    t.push(case(
+        "IPv4 later fragment (offset) to a VIP address: dropped",
+        frag(0x0010, vip4(1)),
+        XDP_DROP,
+        Output::Unchanged,
+    ));
+    t.push(case(
+        "IPv4 fragment to a non-VIP: passed",
+        frag(0x2000, OTHER4),
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+
+    let hop_by_hop = |dst: [u8; 16]| {
+        let mut p = tcp6(CLIENT6, dst, 40000, 80, SYN, &[], &[]);
+        p[20] = 0; // next header: hop-by-hop options
+        p
+    };
+    t.push(case(
+        "IPv6 with an extension header to a VIP: dropped",
+        hop_by_hop(vip6(3)),
+        XDP_DROP,
+        Output::Unchanged,
+    ));
+    t.push(case(
+        "IPv6 with an extension header to a non-VIP: passed",
+        hop_by_hop(OTHER6),
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+
+    let mut icmp = udp4(CLIENT4, vip4(1), 0, 0, b"ping");
+    icmp[23] = 1; // protocol ICMP
+    t.push(case(
+        "ICMP to a VIP address: passed to the host",
+        icmp,
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+    let mut ihl4 = syn_v4v4.clone();
+    ihl4[14] = 0x44;
+    t.push(case(
+        "IPv4 header length below 20: passed as malformed",
+        ihl4,
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+    let mut wrong_version = syn_v4v4.clone();
+    wrong_version[14] = 0x65;
+    t.push(case(
+        "EtherType IPv4 with version 6 inside: passed",
+        wrong_version,
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+    let mut arp = syn_v4v4[..42].to_vec();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    t.push(case("ARP: passed", arp, XDP_PASS, Output::Unchanged));
+
+    t.push(case(
+        "SYN to a service without backends: dropped",
+        tcp4(CLIENT4, vip4(7), 40000, 80, SYN, &[], &[]),
+        XDP_DROP,
+        Output::Unchanged,
+    ));
+    let big = tcp4(CLIENT4, vip4(1), 40020, 80, ACK, &[], &[0x55; 1460]);
+    t.push(case(
+        "1500-byte packet: too big for the 1500 MTU once encapsulated: dropped",
+        big,
+        XDP_DROP,
+        Output::Ignored,
+    ));
+
+    // Maglev: each new flow goes where the ring (built independently here) says.
+    for sport in [50001u16, 50002, 50003, 50004] {
+        let k = key4(CLIENT4, vip4(6), sport, 80, 6);
+        let id = ring[(flow_hash(&k, SEED) % RING) as usize];
+        let be = MAGLEV_BES[(id - 5) as usize];
+        let syn = tcp4(CLIENT4, vip4(6), sport, 80, SYN, &[], &[]);
+        t.push(case(
+            &format!("Maglev service, source port {sport} -> backend {}", v4(be)),
+            syn.clone(),
+            XDP_TX,
+            Output::Exactly(tx4(&ip_of(&syn), be)),
         ));
     }
-    run_table(prog, &table);
+
+    // Truncation at every layer: never read past the end; VIP traffic is dropped,
+    // the rest passed.
+    for cut in [14, 15, 20, 33] {
+        t.push(case(
+            &format!("IPv4 SYN to a VIP cut to {cut} bytes (IP header incomplete): passed"),
+            syn_v4v4[..cut].to_vec(),
+            XDP_PASS,
+            Output::Unchanged,
+        ));
+    }
+    for cut in [34, 40, 53] {
+        t.push(case(
+            &format!("IPv4 SYN to a VIP cut to {cut} bytes (TCP header incomplete): dropped"),
+            syn_v4v4[..cut].to_vec(),
+            XDP_DROP,
+            Output::Unchanged,
+        ));
+    }
+    let non_vip = tcp4(CLIENT4, OTHER4, 40000, 22, SYN, &[], &[]);
+    t.push(case(
+        "IPv4 SYN to a non-VIP cut inside TCP: passed",
+        non_vip[..40].to_vec(),
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+    t.push(case(
+        "IPv6 SYN cut inside the IPv6 header: passed",
+        syn_v6v6[..40].to_vec(),
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+    let mut long_claim = syn_v4v4.clone();
+    long_claim[16..18].copy_from_slice(&200u16.to_be_bytes());
+    t.push(case(
+        "IPv4 total length beyond the frame, to a VIP: dropped",
+        long_claim,
+        XDP_DROP,
+        Output::Unchanged,
+    ));
+    t.push(case(
+        "VLAN tag cut short: passed",
+        with_vlan(&syn_v4v4, 7)[..16].to_vec(),
+        XDP_PASS,
+        Output::Unchanged,
+    ));
+    t
+}
+
+#[test]
+fn removed_backend_connections_are_replaced() {
+    if !privileged("removed_backend_connections_are_replaced") {
+        return;
+    }
+    let env = environment("repick");
+    let ifindex = env.ifindex;
+    env.ns.within(move || {
+        let mut dp = Dataplane::load(Sizes {
+            ring_size: RING,
+            conn_entries: 4096,
+        })
+        .expect("load");
+        configure(&mut dp);
+        let syn = tcp4(CLIENT4, vip4(6), 50001, 80, SYN, &[], &[]);
+        let ack = tcp4(CLIENT4, vip4(6), 50001, 80, ACK, &[], b"x");
+        assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
+        let first = dp
+            .maps
+            .conns
+            .get(&key4(CLIENT4, vip4(6), 50001, 80, 6), 0)
+            .expect("conn")
+            .backend;
+        // Take the flow's backend out of service: the next packet re-picks among the rest.
+        let rest: Vec<maglev::Member> = MAGLEV_BES
+            .iter()
+            .enumerate()
+            .map(|(i, a)| maglev::Member {
+                id: 5 + i as u32,
+                key: v4(*a).to_string(),
+                weight: 1,
+            })
+            .filter(|m| m.id != first)
+            .collect();
+        dp.set_ring(5, &rest).expect("ring");
+        dp.set_backend(first, v4(MAGLEV_BES[(first - 5) as usize]), 0)
+            .expect("remove backend");
+        let (verdict, out) = run_once(dp.program(), &ack, ifindex);
+        assert_eq!(verdict, XDP_TX);
+        let now = dp
+            .maps
+            .conns
+            .get(&key4(CLIENT4, vip4(6), 50001, 80, 6), 0)
+            .expect("conn")
+            .backend;
+        assert_ne!(now, first, "a connection to a removed backend moves");
+        assert_eq!(
+            &out[30..34],
+            &MAGLEV_BES[(now - 5) as usize],
+            "outer destination is the new backend"
+        );
+        assert_eq!(dp.counter(Counter::ConnRepick).expect("counter"), 1);
+    });
 }

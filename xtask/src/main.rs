@@ -11,7 +11,11 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "mptcp-lb developer tasks")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "mptcp-lb developer tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,

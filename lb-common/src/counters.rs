@@ -1,0 +1,64 @@
+//! Global dataplane counters: one per-CPU u64 each, summed by the controller and CLI.
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident = $label:literal,)*) => {
+        /// Index into [`crate::maps::MAP_STATS`].
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter { $($(#[doc = $doc])* $name,)* }
+
+        impl Counter {
+            pub const ALL: &[Counter] = &[$(Counter::$name,)*];
+            /// Stable name for metrics and `--json`.
+            pub const fn label(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Not addressed to a VIP: handed to the host stack untouched.
+    PassNonVip = "pass_non_vip",
+    /// Could not be parsed (truncated, not IP, bad header): handed to the host stack.
+    PassMalformed = "pass_malformed",
+    /// To a VIP address but neither TCP nor UDP (ICMP and the like): host stack.
+    PassVipOtherProto = "pass_vip_other_proto",
+    /// Encapsulated, but the kernel has no neighbour entry for the next hop yet: the
+    /// kernel forwards this one and resolves the neighbour.
+    PassNoNeigh = "pass_no_neigh",
+    /// A TCP/UDP packet to a VIP whose header is cut short.
+    DropTruncated = "drop_truncated",
+    /// An IPv4 fragment to a VIP address (no ports to balance on).
+    DropFragment = "drop_fragment",
+    /// An IPv6 packet to a VIP address with extension headers.
+    DropIpv6Ext = "drop_ipv6_ext",
+    /// The service has no backend that takes new connections.
+    DropNoBackend = "drop_no_backend",
+    /// No outer source address configured for the backend's address family.
+    DropNoSource = "drop_no_source",
+    /// Too big for the egress MTU once encapsulated.
+    DropTooBig = "drop_too_big",
+    /// The route lookup for the backend failed (no route, blackhole, ...).
+    DropFib = "drop_fib",
+    /// The kernel refused to grow the packet headroom.
+    DropEncap = "drop_encap",
+    /// Sent back out of the interface it came in on.
+    Tx = "tx",
+    /// Redirected to another interface.
+    Redirect = "redirect",
+    /// Established flow found in the connection table.
+    ConnHit = "conn_hit",
+    /// New flow (TCP SYN or a UDP flow) placed by Maglev and recorded.
+    ConnNew = "conn_new",
+    /// A non-SYN TCP packet missing from the table: placed by Maglev (table lost or
+    /// flow began before this node saw it) and recorded.
+    ConnMissNonSyn = "conn_miss_non_syn",
+    /// A connection whose backend was removed: re-placed by Maglev.
+    ConnRepick = "conn_repick",
+    /// Decapsulation program: tunnels stripped.
+    DecapOk = "decap_ok",
+}
+
+/// Number of global counters (the size of the stats map).
+pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;

@@ -1,0 +1,85 @@
+//! The keyed flow hash. The XDP program and the host use this same function, so the
+//! host can predict (and tests can check) which backend a flow gets, and every node
+//! configured with the same seed makes the same choice.
+
+use crate::maps::FlowKey;
+
+#[inline(always)]
+const fn mix(h: u32, w: u32) -> u32 {
+    let k = w
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// MurmurHash3-style keyed hash of a flow's 5-tuple.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed;
+    h = mix(h, k.src[0]);
+    h = mix(h, k.dst[0]);
+    if k.family == crate::maps::FAMILY_V6 {
+        h = mix(h, k.src[1]);
+        h = mix(h, k.src[2]);
+        h = mix(h, k.src[3]);
+        h = mix(h, k.dst[1]);
+        h = mix(h, k.dst[2]);
+        h = mix(h, k.dst[3]);
+    }
+    h = mix(h, (k.sport as u32) << 16 | k.dport as u32);
+    h = mix(h, k.proto as u32);
+    fmix(h)
+}
+
+/// Keyed hash of a 32-bit value (an MPTCP token under the `hash` join policy).
+#[inline(always)]
+pub fn hash_u32(v: u32, seed: u32) -> u32 {
+    fmix(mix(seed, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey {
+            src: [0x0100_000a, 0, 0, 0],
+            dst: [0x0200_000a, 0, 0, 0],
+            sport,
+            dport: 80,
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn seed_changes_the_hash_and_ports_spread() {
+        assert_ne!(flow_hash(&key(1000), 1), flow_hash(&key(1000), 2));
+        // 10k source ports into 16 buckets: each within 20% of the mean.
+        let mut buckets = [0u32; 16];
+        for p in 0..10_000u16 {
+            buckets[(flow_hash(&key(p), 7) % 16) as usize] += 1;
+        }
+        let mean = 10_000 / 16;
+        assert!(
+            buckets
+                .iter()
+                .all(|&b| b > mean * 8 / 10 && b < mean * 12 / 10),
+            "{buckets:?}"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! Map names, sizes and the `#[repr(C)]` keys and values the dataplane and the
+//! controller exchange. Explicit padding everywhere: `bytemuck::Pod` refuses to derive
+//! on a struct with implicit padding, and the size asserts catch layout drift.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
+/// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Single-entry array holding [`Config`].
+pub const MAP_CONFIG: &str = "LB_CONFIG";
+/// VIP (address, port, protocol) → [`VipInfo`].
+pub const MAP_VIPS: &str = "LB_VIPS";
+/// Backend id → [`Backend`]; id 0 is reserved so an all-zero Maglev slot never routes.
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Maglev lookup tables, one ring of `Config::ring_size` backend ids per service.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
+/// Connection table: [`FlowKey`] → [`Conn`] (LRU, shared across CPUs).
+pub const MAP_CONNS: &str = "LB_CONNS";
+/// Global counters (per CPU), indexed by [`crate::counters::Counter`].
+pub const MAP_STATS: &str = "LB_STATS";
+/// Per-service packets and bytes (per CPU), indexed by service id.
+pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
+/// Per-backend packets and bytes (per CPU), indexed by backend id.
+pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
+/// Local addresses the decapsulation program accepts tunnels for.
+pub const MAP_DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+
+pub const MAX_SERVICES: u32 = 64;
+pub const MAX_BACKENDS: u32 = 4096;
+pub const MAX_VIPS: u32 = 1024;
+pub const MAX_DECAP_ADDRS: u32 = 64;
+/// Default Maglev ring size per service (prime, as Maglev requires).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default connection-table capacity.
+pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Run-time settings of the balancer program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Keyed-hash seed; identical on every node so nodes agree on backends.
+    pub seed: u32,
+    /// Maglev ring size per service (prime); 0 means not configured: pass everything.
+    pub ring_size: u32,
+    /// Outer IPv4 source, network order; 0 = no IPv4 backends can be reached.
+    pub src4: u32,
+    /// How many low bits of `src4` are replaced by flow-hash bits (0..=16), so a
+    /// backend's receive-side scaling spreads tunnelled flows over its queues.
+    pub src4_vary_bits: u32,
+    /// Outer IPv6 source, network order; all zero = no IPv6 backends.
+    pub src6: [u32; 4],
+    /// Low bits of `src6` (in its last word) replaced by flow-hash bits (0..=16).
+    pub src6_vary_bits: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+
+/// Key of [`MAP_VIPS`]. A key with `port == 0 && proto == 0` marks a VIP address, so
+/// fragments and IPv6 extension headers sent to it are recognised and dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    /// Address in network order; IPv4 in word 0, the rest zero.
+    pub addr: [u32; 4],
+    /// Port in network order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipInfo {
+    /// Service id: index of its Maglev ring and its stats slot.
+    pub service: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 8);
+
+/// The backend may take new connections (it is in the Maglev table).
+pub const BACKEND_ACTIVE: u32 = 1;
+/// Draining: no new connections, established ones (and their joins) still reach it.
+pub const BACKEND_DRAINING: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Address in network order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// `BACKEND_*` bits; 0 = slot unused or backend removed: connections to it re-pick.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+/// Key of the connection table: the client's 5-tuple as the balancer sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Ports in network order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Conn {
+    pub backend: u32,
+    pub service: u32,
+    /// MPTCP token of the connection this flow belongs to (0 = none known).
+    pub token: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Conn>() == 16);
+
+/// Packets and bytes, per CPU, per service or backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Traffic>() == 16);
+
+/// Key of [`MAP_DECAP_ADDRS`]: a local address that tunnels may be addressed to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], bytemuck::Pod (no padding, any bit pattern).
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Conn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Traffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddrKey {}
+}

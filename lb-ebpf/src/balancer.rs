@@ -1,0 +1,153 @@
+//! The balancer's decision: which packets are ours, which backend gets them.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{counters::Counter, hash::flow_hash, maps::*, packet::*};
+
+use crate::{
+    encap,
+    maps::{
+        BACKEND_STATS, BACKENDS, CONFIG, CONNS, MAGLEV, SERVICE_STATS, VIPS, add_traffic, count,
+    },
+    parse::{self, Packet},
+};
+
+/// IPv6 next-header values that are extension headers (RFC 8200 and IANA).
+#[inline(always)]
+fn is_ipv6_ext(nh: u8) -> bool {
+    matches!(nh, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+#[inline(always)]
+fn family(pkt: &Packet) -> u8 {
+    if pkt.ipv6 { FAMILY_V6 } else { FAMILY_V4 }
+}
+
+/// A packet to a VIP address that has no port we can balance on: fragments, IPv6
+/// extension headers, truncated transport headers, ICMP. Not guessed at.
+#[inline(always)]
+fn not_balanceable(pkt: &Packet) -> u32 {
+    let marker = VipKey {
+        addr: pkt.dst,
+        port: 0,
+        proto: 0,
+        family: family(pkt),
+    };
+    // SAFETY: the value is only checked for presence.
+    if unsafe { VIPS.get(marker) }.is_none() {
+        count(Counter::PassNonVip);
+        return xdp_action::XDP_PASS;
+    }
+    let reason = if pkt.fragment {
+        Counter::DropFragment
+    } else if pkt.l4_truncated {
+        Counter::DropTruncated
+    } else if pkt.ipv6 && is_ipv6_ext(pkt.proto) {
+        Counter::DropIpv6Ext
+    } else {
+        count(Counter::PassVipOtherProto);
+        return xdp_action::XDP_PASS;
+    };
+    count(reason);
+    xdp_action::XDP_DROP
+}
+
+/// Maglev: the backend id for `hash` in `service`'s ring, 0 when there is none.
+#[inline(always)]
+fn maglev_pick(cfg: &Config, service: u32, hash: u32) -> u32 {
+    let ring = cfg.ring_size;
+    let index = service.wrapping_mul(ring).wrapping_add(hash % ring);
+    match MAGLEV.get(index) {
+        Some(id) => *id,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub fn balance(ctx: &XdpContext) -> u32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(_) => {
+            count(Counter::PassMalformed);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    if pkt.fragment || pkt.l4_truncated || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+        return not_balanceable(&pkt);
+    }
+    let vip_key = VipKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: family(&pkt),
+    };
+    // SAFETY: VipInfo is Copy and read at once.
+    let Some(vip) = (unsafe { VIPS.get(vip_key) }).copied() else {
+        count(Counter::PassNonVip);
+        return xdp_action::XDP_PASS;
+    };
+    let Some(cfg) = CONFIG.get(0).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    if cfg.ring_size == 0 {
+        count(Counter::PassNonVip);
+        return xdp_action::XDP_PASS;
+    }
+    let packet_len = (ctx.data_end() - ctx.data()) as u64;
+    if pkt.l3_off + pkt.ip_len as usize > packet_len as usize {
+        count(Counter::DropTruncated);
+        return xdp_action::XDP_DROP;
+    }
+
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: family(&pkt),
+        _pad: [0; 2],
+    };
+    let hash = flow_hash(&key, cfg.seed);
+
+    let mut backend_id = 0;
+    if let Some(conn) = CONNS.get_ptr(key) {
+        // SAFETY: a valid map value pointer; Conn is plain data.
+        let id = unsafe { (*conn).backend };
+        match BACKENDS.get(id) {
+            Some(b) if b.flags != 0 => {
+                backend_id = id;
+                count(Counter::ConnHit);
+            }
+            _ => count(Counter::ConnRepick),
+        }
+    } else if pkt.proto == IPPROTO_TCP
+        && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN
+    {
+        count(Counter::ConnMissNonSyn);
+    } else {
+        count(Counter::ConnNew);
+    }
+    if backend_id == 0 {
+        backend_id = maglev_pick(&cfg, vip.service, hash);
+        let conn = Conn {
+            backend: backend_id,
+            service: vip.service,
+            token: 0,
+            flags: 0,
+        };
+        if backend_id != 0 {
+            let _ = CONNS.insert(key, conn, 0);
+        }
+    }
+    let Some(backend) = BACKENDS.get(backend_id).copied() else {
+        count(Counter::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    if backend_id == 0 || backend.flags == 0 {
+        count(Counter::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    }
+    add_traffic(&SERVICE_STATS, vip.service, packet_len);
+    add_traffic(&BACKEND_STATS, backend_id, packet_len);
+    encap::forward(ctx, &cfg, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6, hash)
+}

@@ -1,0 +1,197 @@
+//! IPIP / IP6IP6 (and 4in6, 6in4) encapsulation and the next-hop decision.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{counters::Counter, maps::*, packet::*};
+
+use crate::{maps::count, parse::ptr_at};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const OUTER_TTL: u8 = 64;
+
+/// Folds a 32-bit one's-complement sum to the 16-bit IPv4 header checksum.
+#[inline(always)]
+fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Outer source: the configured address with its low `bits` replaced by flow-hash bits,
+/// so a backend's NIC (which hashes the outer header) spreads flows over its queues.
+#[inline(always)]
+fn vary(addr_be: u32, bits: u32, hash: u32) -> u32 {
+    if bits == 0 {
+        return addr_be;
+    }
+    let mask = (1u32 << (bits & 15)) - 1;
+    ((u32::from_be(addr_be) & !mask) | (hash & mask)).to_be()
+}
+
+/// Encapsulates the IP packet at `l3_off` (whose IP length is `inner_len`, whose family
+/// is `inner_v6`) towards `backend` and decides its fate. Consumes the packet: returns
+/// the XDP verdict.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    cfg: &Config,
+    backend: &Backend,
+    l3_off: usize,
+    inner_len: u16,
+    inner_v6: bool,
+    hash: u32,
+) -> u32 {
+    let outer_v6 = backend.family == FAMILY_V6;
+    if (outer_v6 && cfg.src6 == [0; 4]) || (!outer_v6 && cfg.src4 == 0) {
+        count(Counter::DropNoSource);
+        return xdp_action::XDP_DROP;
+    }
+    let outer_len: usize = if outer_v6 { IPV6_HLEN } else { IPV4_MIN_HLEN };
+    let inner_proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+
+    // Keep the frame's MAC addresses: if the kernel must resolve the next hop, it gets
+    // a frame still addressed to this host and forwards it.
+    let Ok(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: ptr_at checked the 12 bytes are inside the packet.
+    let macs = unsafe { *eth };
+
+    // Grow the head so that [Ethernet][outer IP] ends where the inner IP header begins
+    // (a VLAN tag, if any, is dropped: the egress comes from the route lookup).
+    let delta = l3_off as i32 - ETH_HLEN as i32 - outer_len as i32;
+    // SAFETY: the helper validates the context and the new head itself.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        count(Counter::DropEncap);
+        return xdp_action::XDP_DROP;
+    }
+
+    let total = inner_len as u32 + if outer_v6 { 0 } else { outer_len as u32 };
+    // SAFETY: bpf_fib_lookup is a plain C struct for which all-zero is valid.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+
+    if outer_v6 {
+        let Ok(hdr) = ptr_at::<[u32; 10]>(ctx, ETH_HLEN) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let mut src = cfg.src6;
+        src[3] = vary(src[3], cfg.src6_vary_bits, hash);
+        let ver_flow = (0x6000_0000u32 | (hash & 0x000f_ffff)).to_be();
+        let len_nh_hop =
+            ((inner_len as u32) << 16 | (inner_proto as u32) << 8 | OUTER_TTL as u32).to_be();
+        // SAFETY: ptr_at checked the 40 bytes are inside the packet.
+        unsafe {
+            (*hdr)[0] = ver_flow;
+            (*hdr)[1] = len_nh_hop;
+            (*hdr)[2] = src[0];
+            (*hdr)[3] = src[1];
+            (*hdr)[4] = src[2];
+            (*hdr)[5] = src[3];
+            (*hdr)[6] = backend.addr[0];
+            (*hdr)[7] = backend.addr[1];
+            (*hdr)[8] = backend.addr[2];
+            (*hdr)[9] = backend.addr[3];
+        }
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = src;
+        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+        fib.__bindgen_anon_1.tot_len = (inner_len as u32 + IPV6_HLEN as u32) as u16;
+    } else {
+        let Ok(hdr) = ptr_at::<[u16; 10]>(ctx, ETH_HLEN) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let src = vary(cfg.src4, cfg.src4_vary_bits, hash);
+        let dst = backend.addr[0];
+        // Built in host order and stored big-endian; the checksum covers the words as sent.
+        let (s, d) = (u32::from_be(src), u32::from_be(dst));
+        let mut w: [u16; 10] = [
+            0x4500,
+            total as u16,
+            0,
+            0,
+            (OUTER_TTL as u16) << 8 | inner_proto as u16,
+            0,
+            (s >> 16) as u16,
+            s as u16,
+            (d >> 16) as u16,
+            d as u16,
+        ];
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < 10 {
+            sum += w[i] as u32;
+            i += 1;
+        }
+        w[5] = csum_fold(sum);
+        // SAFETY: ptr_at checked the 20 bytes are inside the packet.
+        unsafe {
+            let mut i = 0;
+            while i < 10 {
+                (*hdr)[i] = w[i].to_be();
+                i += 1;
+            }
+        }
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = src;
+        fib.__bindgen_anon_4.ipv4_dst = dst;
+        fib.__bindgen_anon_1.tot_len = total as u16;
+    }
+
+    let Ok(eth) = ptr_at::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let ethertype = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be_bytes();
+    // SAFETY: ptr_at checked the 14 bytes are inside the packet.
+    unsafe {
+        (&mut *eth)[..12].copy_from_slice(&macs);
+        (*eth)[12] = ethertype[0];
+        (*eth)[13] = ethertype[1];
+    }
+
+    // SAFETY: fib is a valid, initialised bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: as above.
+            unsafe {
+                (&mut *eth)[..6].copy_from_slice(&fib.dmac);
+                (&mut *eth)[6..12].copy_from_slice(&fib.smac);
+            }
+            if fib.ifindex == ctx.ingress_ifindex() as u32 {
+                count(Counter::Tx);
+                xdp_action::XDP_TX
+            } else {
+                count(Counter::Redirect);
+                // SAFETY: plain helper call; it validates the ifindex.
+                unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+            }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            count(Counter::PassNoNeigh);
+            xdp_action::XDP_PASS
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            count(Counter::DropTooBig);
+            xdp_action::XDP_DROP
+        }
+        _ => {
+            count(Counter::DropFib);
+            xdp_action::XDP_DROP
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The dataplane's maps. Names are spelled out here (the macro needs literals) and must
+//! equal the constants in `lb_common::maps`; the controller refuses an object that
+//! lacks one.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    counters::{COUNTER_COUNT, Counter},
+    maps::*,
+};
+
+/// Run-time settings (seed, ring size, outer sources).
+#[map(name = "LB_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// VIP → service, plus address-only markers for fragments and extension headers.
+#[map(name = "LB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Backend id → address and state; id 0 never routes.
+#[map(name = "LB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Maglev rings, `ring_size` ids per service; resized by the loader.
+#[map(name = "LB_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * DEFAULT_RING_SIZE, 0);
+
+/// Connection table. Shared, not per-CPU: an MPTCP connection's subflows come from
+/// other addresses and land on other CPUs, and the controller and CLI read one table.
+/// BPF_F_NO_COMMON_LRU keeps an LRU list per CPU, so inserts do not contend on one lock.
+#[map(name = "LB_CONNS")]
+pub static CONNS: LruHashMap<FlowKey, Conn> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Global counters.
+#[map(name = "LB_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Per-service traffic.
+#[map(name = "LB_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-backend traffic.
+#[map(name = "LB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Local tunnel endpoints for the decapsulation program.
+#[map(name = "LB_DECAP_ADDRS")]
+pub static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = STATS.get_ptr_mut(c as u32) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Loading the balancer and managing its maps: the one place that writes them.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    counters::{COUNTER_COUNT, Counter},
+    maps::*,
+};
+
+use crate::{loader, maglev};
+
+/// Load-time sizes (they fix map sizes, so changing them means reloading).
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub ring_size: u32,
+    pub conn_entries: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            ring_size: DEFAULT_RING_SIZE,
+            conn_entries: DEFAULT_CONN_ENTRIES,
+        }
+    }
+}
+
+/// Every map of the balancer, typed. Built once at start-up: a missing or mistyped map
+/// fails here, by name, rather than on first use.
+pub struct Maps {
+    pub config: Array<MapData, Config>,
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub conns: HashMap<MapData, FlowKey, Conn>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuArray<MapData, Traffic>,
+    pub backend_stats: PerCpuArray<MapData, Traffic>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+impl Maps {
+    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            config: take(ebpf, MAP_CONFIG)?,
+            vips: take(ebpf, MAP_VIPS)?,
+            backends: take(ebpf, MAP_BACKENDS)?,
+            maglev: take(ebpf, MAP_MAGLEV)?,
+            conns: take(ebpf, MAP_CONNS)?,
+            stats: take(ebpf, MAP_STATS)?,
+            service_stats: take(ebpf, MAP_SERVICE_STATS)?,
+            backend_stats: take(ebpf, MAP_BACKEND_STATS)?,
+        })
+    }
+}
+
+/// An address as the dataplane stores it: network byte order, IPv4 in word 0.
+pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
+    }
+}
+
+/// The inverse of [`addr_words`].
+pub fn words_addr(words: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(words[0].to_ne_bytes())
+    }
+}
+
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+    pub maps: Maps,
+    pub sizes: Sizes,
+    /// What the rings hold now, per service: only changed slots are rewritten.
+    rings: std::collections::HashMap<u32, Vec<u32>>,
+}
+
+impl Dataplane {
+    /// Loads the object with the given sizes and verifies the balancer program.
+    pub fn load(sizes: Sizes) -> anyhow::Result<Self> {
+        if !maglev::is_prime(sizes.ring_size) {
+            bail!("Maglev ring size {} is not prime", sizes.ring_size);
+        }
+        loader::raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_MAGLEV, MAX_SERVICES * sizes.ring_size)
+            .map_max_entries(MAP_CONNS, sizes.conn_entries)
+            .load(loader::EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(loader::PROG_BALANCER)
+            .context("balancer program missing from the object")?
+            .try_into()?;
+        prog.load()
+            .context("the verifier refused the balancer program")?;
+        let maps = Maps::take_from(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            sizes,
+            rings: Default::default(),
+        })
+    }
+
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(loader::PROG_BALANCER)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    /// Attaches to `iface`; `None` tries native (driver) mode, then generic, and says which.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: Option<XdpMode>,
+    ) -> anyhow::Result<(XdpMode, XdpLinkId)> {
+        attach_xdp(self.program(), iface, mode)
+    }
+
+    pub fn set_config(&mut self, mut cfg: Config) -> anyhow::Result<()> {
+        cfg.ring_size = self.sizes.ring_size;
+        self.maps.config.set(0, cfg, 0).context("writing LB_CONFIG")
+    }
+
+    pub fn set_backend(&mut self, id: u32, addr: IpAddr, flags: u32) -> anyhow::Result<()> {
+        if id == 0 || id >= MAX_BACKENDS {
+            bail!("backend id {id} out of range 1..{MAX_BACKENDS}");
+        }
+        let (words, family) = addr_words(addr);
+        let b = Backend {
+            addr: words,
+            family,
+            _pad: [0; 3],
+            flags,
+        };
+        self.maps
+            .backends
+            .set(id, b, 0)
+            .with_context(|| format!("writing backend {id}"))
+    }
+
+    /// Adds a VIP of `service`, with the address-only marker that makes the dataplane
+    /// drop fragments and extension-header packets sent to it rather than pass them.
+    pub fn add_vip(
+        &mut self,
+        addr: IpAddr,
+        port: u16,
+        proto: u8,
+        service: u32,
+    ) -> anyhow::Result<()> {
+        let (words, family) = addr_words(addr);
+        let info = VipInfo { service, flags: 0 };
+        let key = VipKey {
+            addr: words,
+            port: port.to_be(),
+            proto,
+            family,
+        };
+        self.maps
+            .vips
+            .insert(key, info, 0)
+            .context("writing LB_VIPS")?;
+        let marker = VipKey {
+            addr: words,
+            port: 0,
+            proto: 0,
+            family,
+        };
+        self.maps
+            .vips
+            .insert(marker, info, 0)
+            .context("writing LB_VIPS address marker")
+    }
+
+    /// Rebuilds `service`'s Maglev ring from `members` and writes the slots that changed.
+    /// Returns how many slots were written.
+    pub fn set_ring(&mut self, service: u32, members: &[maglev::Member]) -> anyhow::Result<usize> {
+        if service >= MAX_SERVICES {
+            bail!("service id {service} out of range 0..{MAX_SERVICES}");
+        }
+        let ring = self.sizes.ring_size;
+        let new = maglev::build(members, ring);
+        let old = self
+            .rings
+            .remove(&service)
+            .unwrap_or_else(|| vec![0; ring as usize]);
+        let changes = maglev::delta(&old, &new);
+        let base = service * ring;
+        for &(slot, id) in &changes {
+            self.maps
+                .maglev
+                .set(base + slot, id, 0)
+                .context("writing LB_MAGLEV")?;
+        }
+        self.rings.insert(service, new);
+        Ok(changes.len())
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        let mut out = Vec::with_capacity(COUNTER_COUNT as usize);
+        for &c in Counter::ALL {
+            let per_cpu = self
+                .maps
+                .stats
+                .get(&(c as u32), 0)
+                .context("reading LB_STATS")?;
+            out.push((c, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    pub fn counter(&self, c: Counter) -> anyhow::Result<u64> {
+        let per_cpu = self
+            .maps
+            .stats
+            .get(&(c as u32), 0)
+            .context("reading LB_STATS")?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Packets and bytes a backend was sent, summed over CPUs.
+    pub fn backend_traffic(&self, id: u32) -> anyhow::Result<Traffic> {
+        let per_cpu = self
+            .maps
+            .backend_stats
+            .get(&id, 0)
+            .context("reading LB_BE_STATS")?;
+        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+            packets: a.packets + t.packets,
+            bytes: a.bytes + t.bytes,
+        }))
+    }
+}
+
+/// Attaches `prog` to `iface`; `None` tries native (driver) mode, then generic, and says
+/// which one it got.
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: Option<XdpMode>,
+) -> anyhow::Result<(XdpMode, XdpLinkId)> {
+    match mode {
+        Some(m) => {
+            let id = prog
+                .attach(iface, m)
+                .with_context(|| format!("attaching XDP ({m:?} mode) to {iface}"))?;
+            Ok((m, id))
+        }
+        None => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => Ok((XdpMode::Driver, id)),
+            Err(native) => {
+                tracing::warn!(%iface, error = %native, "native XDP refused; falling back to generic mode");
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP (generic mode) to {iface}"))?;
+                Ok((XdpMode::Skb, id))
+            }
+        },
+    }
+}
