@@ -58,6 +58,27 @@ counters! {
     ConnRepick = "conn_repick",
     /// Decapsulation program: tunnels stripped.
     DecapOk = "decap_ok",
+    /// A SYN to a VIP carrying MP_CAPABLE (no server key yet), version 1.
+    MpCapableSynV1 = "mp_capable_syn_v1",
+    /// The same, version 0.
+    MpCapableSynV0 = "mp_capable_syn_v0",
+    /// A token learned from the server key the client echoed (SHA-256, version 1).
+    TokenLearnedV1 = "token_learned_v1",
+    /// A token learned with SHA-1 (version 0).
+    TokenLearnedV0 = "token_learned_v0",
+    /// A token already live for another backend: not overwritten (first writer wins).
+    TokenCollision = "token_collision",
+    /// A flow that began with MP_CAPABLE whose first non-SYN packet carried no keys:
+    /// the connection fell back to plain TCP.
+    MptcpFallback = "mptcp_fallback",
+    /// An MP_JOIN SYN sent to the backend that owns its token.
+    JoinRouted = "join_routed",
+    /// An MP_JOIN SYN with no live token, dropped (policy `drop`).
+    JoinUnknownDropped = "join_unknown_dropped",
+    /// An MP_JOIN SYN with no live token, placed by Maglev on the token (policy `hash`).
+    JoinUnknownHashed = "join_unknown_hashed",
+    /// A token found idle for longer than the idle time: forgotten.
+    TokenExpired = "token_expired",
 }
 
 /// Number of global counters (the size of the stats map).

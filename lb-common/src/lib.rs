@@ -6,4 +6,5 @@
 pub mod counters;
 pub mod hash;
 pub mod maps;
+pub mod mptcp;
 pub mod packet;

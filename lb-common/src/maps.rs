@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -26,6 +26,8 @@ pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 /// Local addresses the decapsulation program accepts tunnels for.
 pub const MAP_DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+/// MPTCP token → [`TokenEntry`] (LRU, shared across CPUs).
+pub const MAP_TOKENS: &str = "LB_TOKENS";
 
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
@@ -35,6 +37,20 @@ pub const MAX_DECAP_ADDRS: u32 = 64;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default connection-table capacity.
 pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
+/// Default token-table capacity.
+pub const DEFAULT_TOKEN_ENTRIES: u32 = 1 << 20;
+/// Default idle time after which a token no longer routes joins (and may be relearned
+/// for another backend).
+pub const DEFAULT_TOKEN_IDLE_NS: u64 = 3600 * 1_000_000_000;
+/// A token's `last_seen` is rewritten at most this often by a connection's traffic.
+pub const TOKEN_REFRESH_NS: u64 = 1_000_000_000;
+
+/// `Config::flags`: an MP_JOIN with an unknown token is placed by Maglev on the token
+/// (the `hash` policy) instead of dropped (the `drop` policy, default).
+pub const CONFIG_JOIN_UNKNOWN_HASH: u32 = 1;
+/// `Config::flags`: MPTCP awareness off: no token learning, joins are placed by their
+/// 5-tuple like any SYN (what a classic L4 balancer does; for comparison and tests).
+pub const CONFIG_NO_MPTCP: u32 = 2;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -56,9 +72,12 @@ pub struct Config {
     pub src6: [u32; 4],
     /// Low bits of `src6` (in its last word) replaced by flow-hash bits (0..=16).
     pub src6_vary_bits: u32,
+    /// `CONFIG_*` bits.
     pub flags: u32,
+    /// Idle time after which a token is forgotten; 0 means [`DEFAULT_TOKEN_IDLE_NS`].
+    pub token_idle_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 /// Key of [`MAP_VIPS`]. A key with `port == 0 && proto == 0` marks a VIP address, so
 /// fragments and IPv6 extension headers sent to it are recognised and dropped.
@@ -115,6 +134,14 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
+/// `Conn::flags`: the flow began with a SYN carrying MP_CAPABLE, seen by this node.
+pub const CONN_MPTCP: u32 = 1;
+/// `Conn::flags`: token learning is over for this flow (learned, collided, or the
+/// connection fell back to plain TCP).
+pub const CONN_TOKEN_DONE: u32 = 2;
+/// `Conn::flags`: the flow is an additional subflow (it began with MP_JOIN).
+pub const CONN_JOIN: u32 = 4;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Conn {
@@ -122,9 +149,25 @@ pub struct Conn {
     pub service: u32,
     /// MPTCP token of the connection this flow belongs to (0 = none known).
     pub token: u32,
+    /// `CONN_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 16);
+
+/// What the balancer knows of a learned MPTCP token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TokenEntry {
+    pub backend: u32,
+    pub service: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when it was learned and last refreshed.
+    pub learned_ns: u64,
+    pub last_seen_ns: u64,
+    /// MPTCP version the token was derived for (0 = SHA-1, 1 = SHA-256).
+    pub version: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<TokenEntry>() == 32);
 
 /// Packets and bytes, per CPU, per service or backend.
 #[repr(C)]
@@ -163,4 +206,6 @@ mod pod {
     unsafe impl aya::Pod for super::Traffic {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TokenEntry {}
 }

@@ -1,13 +1,20 @@
 //! The balancer's decision: which packets are ours, which backend gets them.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{counters::Counter, hash::flow_hash, maps::*, packet::*};
+use lb_common::{
+    counters::Counter,
+    hash::{flow_hash, hash_u32},
+    maps::*,
+    mptcp::MptcpOption,
+    packet::*,
+};
 
 use crate::{
     encap,
     maps::{
         BACKEND_STATS, BACKENDS, CONFIG, CONNS, MAGLEV, SERVICE_STATS, VIPS, add_traffic, count,
     },
+    mptcp,
     parse::{self, Packet},
 };
 
@@ -108,34 +115,95 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         _pad: [0; 2],
     };
     let hash = flow_hash(&key, cfg.seed);
+    let is_syn =
+        pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
 
     let mut backend_id = 0;
-    if let Some(conn) = CONNS.get_ptr(key) {
-        // SAFETY: a valid map value pointer; Conn is plain data.
-        let id = unsafe { (*conn).backend };
-        match BACKENDS.get(id) {
-            Some(b) if b.flags != 0 => {
+    // What a new table entry for this flow records (used when it is not in the table).
+    let mut conn_flags = 0;
+    // A SYN starts a connection whatever the table remembers of its 5-tuple (clients
+    // reuse ports): its MPTCP option decides, not a stale entry.
+    let syn_option = if is_syn && cfg.flags & CONFIG_NO_MPTCP == 0 {
+        mptcp::option(ctx, &pkt)
+    } else {
+        None
+    };
+    if let Some(MptcpOption::Capable { version, .. }) = syn_option {
+        count(if version == 0 {
+            Counter::MpCapableSynV0
+        } else {
+            Counter::MpCapableSynV1
+        });
+        conn_flags = CONN_MPTCP;
+    }
+    if let Some(MptcpOption::JoinSyn { token, .. }) = syn_option {
+        count(Counter::ConnNew);
+        match mptcp::owner(token, vip.service, &cfg) {
+            Some(id) => {
+                count(Counter::JoinRouted);
                 backend_id = id;
+            }
+            None if cfg.flags & CONFIG_JOIN_UNKNOWN_HASH != 0 => {
+                count(Counter::JoinUnknownHashed);
+                backend_id = maglev_pick(&cfg, vip.service, hash_u32(token, cfg.seed));
+            }
+            None => {
+                // The client keeps its other subflows; this one is refused here rather
+                // than reset by a backend that does not know it.
+                count(Counter::JoinUnknownDropped);
+                return xdp_action::XDP_DROP;
+            }
+        }
+        if backend_id != 0 {
+            let flags = CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN;
+            let _ = CONNS.insert(
+                key,
+                Conn {
+                    backend: backend_id,
+                    service: vip.service,
+                    token,
+                    flags,
+                },
+                0,
+            );
+        }
+    } else if let Some(conn) = CONNS.get_ptr_mut(key) {
+        // SAFETY: a valid map value pointer; Conn is plain data.
+        let c = unsafe { *conn };
+        match BACKENDS.get(c.backend) {
+            Some(b) if b.flags != 0 => {
+                backend_id = c.backend;
                 count(Counter::ConnHit);
+                if is_syn {
+                    if c.token != 0 || c.flags != conn_flags {
+                        // SAFETY: as above.
+                        unsafe {
+                            (*conn).token = 0;
+                            (*conn).flags = conn_flags;
+                        }
+                    }
+                } else if c.token != 0 {
+                    mptcp::refresh(c.token, c.backend);
+                } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP {
+                    mptcp::learn(ctx, &pkt, &cfg, conn);
+                }
             }
             _ => count(Counter::ConnRepick),
         }
-    } else if pkt.proto == IPPROTO_TCP
-        && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN
-    {
+    } else if pkt.proto == IPPROTO_TCP && !is_syn {
         count(Counter::ConnMissNonSyn);
     } else {
         count(Counter::ConnNew);
     }
     if backend_id == 0 {
         backend_id = maglev_pick(&cfg, vip.service, hash);
-        let conn = Conn {
-            backend: backend_id,
-            service: vip.service,
-            token: 0,
-            flags: 0,
-        };
         if backend_id != 0 {
+            let conn = Conn {
+                backend: backend_id,
+                service: vip.service,
+                token: 0,
+                flags: conn_flags,
+            };
             let _ = CONNS.insert(key, conn, 0);
         }
     }

@@ -10,6 +10,7 @@ mod balancer;
 mod decap;
 mod encap;
 mod maps;
+mod mptcp;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -35,6 +35,13 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * DEFAULT_R
 pub static CONNS: LruHashMap<FlowKey, Conn> =
     LruHashMap::with_max_entries(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU);
 
+/// MPTCP tokens learned from handshakes → the backend that owns the connection.
+/// Shared: a join arrives on whatever CPU its new 5-tuple hashes to. LRU-bounded, so a
+/// flood of handshakes evicts the oldest entries instead of exhausting memory.
+#[map(name = "LB_TOKENS")]
+pub static TOKENS: LruHashMap<u32, TokenEntry> =
+    LruHashMap::with_max_entries(DEFAULT_TOKEN_ENTRIES, 0);
+
 /// Global counters.
 #[map(name = "LB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

@@ -31,6 +31,8 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// TCP header length in bytes (data offset x 4, at least 20); 0 when not TCP.
+    pub tcp_hlen: usize,
     /// An IPv4 fragment (MF set or a non-zero offset).
     pub fragment: bool,
     /// Length of the IP packet from its own header (total length / payload + 40).
@@ -87,6 +89,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
         sport: 0,
         dport: 0,
         tcp_flags: 0,
+        tcp_hlen: 0,
         fragment: false,
         ip_len: 0,
         l4_truncated: false,
@@ -137,6 +140,12 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
             pkt.sport = field(tcp, 0);
             pkt.dport = field(tcp, 2);
             pkt.tcp_flags = field(tcp, 13);
+            let doff: u8 = field(tcp, 12);
+            pkt.tcp_hlen = ((doff >> 4) as usize) * 4;
+            // A data offset below 5 is a broken header: treat it like a cut one.
+            if pkt.tcp_hlen < TCP_MIN_HLEN {
+                pkt.l4_truncated = true;
+            }
         }
         IPPROTO_UDP => {
             let Ok(udp) = ptr_at::<[u8; UDP_HLEN]>(ctx, pkt.l4_off) else {

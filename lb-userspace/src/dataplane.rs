@@ -20,6 +20,7 @@ use crate::{loader, maglev};
 pub struct Sizes {
     pub ring_size: u32,
     pub conn_entries: u32,
+    pub token_entries: u32,
 }
 
 impl Default for Sizes {
@@ -27,6 +28,7 @@ impl Default for Sizes {
         Self {
             ring_size: DEFAULT_RING_SIZE,
             conn_entries: DEFAULT_CONN_ENTRIES,
+            token_entries: DEFAULT_TOKEN_ENTRIES,
         }
     }
 }
@@ -39,6 +41,7 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
     pub conns: HashMap<MapData, FlowKey, Conn>,
+    pub tokens: HashMap<MapData, u32, TokenEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, Traffic>,
     pub backend_stats: PerCpuArray<MapData, Traffic>,
@@ -62,6 +65,7 @@ impl Maps {
             backends: take(ebpf, MAP_BACKENDS)?,
             maglev: take(ebpf, MAP_MAGLEV)?,
             conns: take(ebpf, MAP_CONNS)?,
+            tokens: take(ebpf, MAP_TOKENS)?,
             stats: take(ebpf, MAP_STATS)?,
             service_stats: take(ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(ebpf, MAP_BACKEND_STATS)?,
@@ -112,6 +116,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_MAGLEV, MAX_SERVICES * sizes.ring_size)
             .map_max_entries(MAP_CONNS, sizes.conn_entries)
+            .map_max_entries(MAP_TOKENS, sizes.token_entries)
             .load(loader::EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let prog: &mut Xdp = ebpf

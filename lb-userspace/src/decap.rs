@@ -10,7 +10,7 @@ use aya::{
     maps::HashMap,
     programs::{Xdp, XdpMode, links::FdLink},
 };
-use lb_common::maps::{AddrKey, MAP_CONNS, MAP_DECAP_ADDRS, MAP_MAGLEV};
+use lb_common::maps::{AddrKey, MAP_CONNS, MAP_DECAP_ADDRS, MAP_MAGLEV, MAP_TOKENS};
 
 use crate::{dataplane::addr_words, loader};
 
@@ -66,6 +66,7 @@ pub fn attach(bpffs: &str, iface: &str, mode: Option<XdpMode>) -> anyhow::Result
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_MAGLEV, 1)
         .map_max_entries(MAP_CONNS, 1)
+        .map_max_entries(MAP_TOKENS, 1)
         .load(loader::EBPF_OBJECT)
         .context("loading the eBPF object")?;
     let mut addrs: HashMap<_, AddrKey, u32> = HashMap::try_from(

@@ -189,6 +189,7 @@ fn balancer_fixtures() {
         let mut dp = Dataplane::load(Sizes {
             ring_size: RING,
             conn_entries: 4096,
+            token_entries: 4096,
         })
         .expect("load balancer");
         let ring = configure(&mut dp);
@@ -535,6 +536,7 @@ fn removed_backend_connections_are_replaced() {
         let mut dp = Dataplane::load(Sizes {
             ring_size: RING,
             conn_entries: 4096,
+            token_entries: 4096,
         })
         .expect("load");
         configure(&mut dp);

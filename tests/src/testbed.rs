@@ -1,0 +1,489 @@
+//! The network-namespace testbed the end-to-end tests share: a client with two paths
+//! (call them wifi and cell, each with IPv4 and IPv6, source-based routing so each
+//! subflow leaves by its own path), an edge router, a one-armed load balancer, and
+//! backends with the VIPs on `lo` and the decapsulation program, each running a server
+//! that speaks MPTCP (and plain TCP) and records what it saw.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use lb_common::maps::Config;
+use lb_userspace::{
+    dataplane::{Dataplane, Sizes, addr_words},
+    decap, maglev,
+};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::netns::{Netns, veth};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+pub const PORT: u16 = 80;
+pub const UPLOAD: usize = 20_000;
+pub const DOWNLOAD: usize = 100_000;
+pub const LB4: &str = "10.0.2.2";
+pub const LB6: &str = "fd00:a2::2";
+const IPPROTO_MPTCP: i32 = 262;
+const SOL_MPTCP: i32 = 284;
+const MPTCP_INFO: i32 = 1;
+const MPTCP_SUBFLOW_ADDRS: i32 = 3;
+
+pub fn backend_addr4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 10 + i as u8, 2)
+}
+
+pub struct Testbed {
+    pub client: Netns,
+    pub router: Netns,
+    pub lb: Netns,
+    pub backends: Vec<Netns>,
+    bpffs: String,
+}
+
+impl Testbed {
+    /// Builds the topology with `n_backends` backends; namespaces are named
+    /// `<prefix>-client`, `<prefix>-be1`, ... so tests do not collide.
+    pub fn new(prefix: &str, n_backends: usize) -> Testbed {
+        let bpffs = format!("/sys/fs/bpf/{prefix}");
+        let _ = std::fs::remove_dir_all(&bpffs);
+        let client = Netns::new(&format!("{prefix}-client"));
+        let router = Netns::new(&format!("{prefix}-router"));
+        let lb = Netns::new(&format!("{prefix}-lb"));
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            router.sysctl(k, v);
+        }
+
+        // Two client paths. IPv4 leaves by wifi and IPv6 by cell unless the source
+        // address says otherwise (policy routing), so each subflow takes its own path.
+        for (n, dev, rdev) in [(1, "wifi0", "rtw"), (2, "cell0", "rtc")] {
+            veth(&client, dev, &router, rdev, 1500);
+            let (a4, g4) = (format!("10.1.{n}.2"), format!("10.1.{n}.1"));
+            let (a6, g6) = (format!("fd00:1:{n}::2"), format!("fd00:1:{n}::1"));
+            client.addr(dev, &format!("{a4}/24"));
+            client.addr(dev, &format!("{a6}/64"));
+            router.addr(rdev, &format!("{g4}/24"));
+            router.addr(rdev, &format!("{g6}/64"));
+            let table = (100 + n).to_string();
+            client.run(&["ip", "rule", "add", "from", &a4, "table", &table]);
+            client.run(&["ip", "-6", "rule", "add", "from", &a6, "table", &table]);
+            client.run(&[
+                "ip", "route", "add", "default", "via", &g4, "dev", dev, "table", &table,
+            ]);
+            client.run(&[
+                "ip", "-6", "route", "add", "default", "via", &g6, "dev", dev, "table", &table,
+            ]);
+            client.offloads_off(dev);
+            router.offloads_off(rdev);
+        }
+        client.run(&[
+            "ip", "route", "add", "default", "via", "10.1.1.1", "dev", "wifi0",
+        ]);
+        client.run(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:1:2::1",
+            "dev",
+            "cell0",
+        ]);
+        client.run(&[
+            "ip",
+            "mptcp",
+            "limits",
+            "set",
+            "subflow",
+            "2",
+            "add_addr_accepted",
+            "2",
+        ]);
+
+        // The balancer's link carries tunnelled packets: room for the outer header.
+        veth(&lb, "lb0", &router, "rtl", 1600);
+        lb.addr("lb0", &format!("{LB4}/24"));
+        lb.addr("lb0", &format!("{LB6}/64"));
+        lb.route(&["default", "via", "10.0.2.1"]);
+        lb.run(&["ip", "-6", "route", "add", "default", "via", "fd00:a2::1"]);
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.lb0.send_redirects", "0"),
+        ] {
+            lb.sysctl(k, v);
+        }
+        router.addr("rtl", "10.0.2.1/24");
+        router.addr("rtl", "fd00:a2::1/64");
+        router.route(&[&format!("{VIP4}/32"), "via", LB4]);
+        router.route(&[&format!("{VIP6}/128"), "via", LB6]);
+        lb.offloads_off("lb0");
+        router.offloads_off("rtl");
+
+        let mut tb = Testbed {
+            client,
+            router,
+            lb,
+            backends: Vec::new(),
+            bpffs,
+        };
+        for i in 1..=n_backends {
+            tb.add_backend(i);
+        }
+        tb
+    }
+
+    /// Backend `i` (1-based) on 10.0.(10+i).0/24 and fd00:b<i>::/64.
+    fn add_backend(&mut self, i: usize) {
+        let be = Netns::new(&format!(
+            "{}-be{i}",
+            self.client.name().trim_end_matches("-client")
+        ));
+        let rt_if = format!("rtb{i}");
+        veth(&be, "eth0", &self.router, &rt_if, 1600);
+        be.addr("eth0", &format!("{}/24", backend_addr4(i)));
+        be.addr("eth0", &format!("fd00:b{i}::2/64"));
+        be.route(&["default", "via", &format!("10.0.{}.1", 10 + i)]);
+        be.run(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:b{i}::1"),
+        ]);
+        // VIPs on lo; the backend must not answer ARP for them on its real interface.
+        be.addr("lo", &format!("{VIP4}/32"));
+        be.addr("lo", &format!("{VIP6}/128"));
+        for (k, v) in [
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.eth0.rp_filter", "0"),
+        ] {
+            be.sysctl(k, v);
+        }
+        be.run(&[
+            "ip",
+            "mptcp",
+            "limits",
+            "set",
+            "subflow",
+            "2",
+            "add_addr_accepted",
+            "2",
+        ]);
+        self.router.addr(&rt_if, &format!("10.0.{}.1/24", 10 + i));
+        self.router.addr(&rt_if, &format!("fd00:b{i}::1/64"));
+        self.router.offloads_off(&rt_if);
+        be.offloads_off("eth0");
+        let bpffs = format!("{}/be{i}", self.bpffs);
+        be.within(move || decap::attach(&bpffs, "eth0", None).expect("attach decapsulation"));
+        self.backends.push(be);
+    }
+
+    /// Loads the balancer into the LB namespace, attaches it (generic XDP), and
+    /// configures both VIPs as service 0 with no backends yet.
+    pub fn balancer(&self, sizes: Sizes, flags: u32) -> Dataplane {
+        let mut dp = self.lb.within(move || {
+            let mut dp = Dataplane::load(sizes).expect("load balancer");
+            dp.attach("lb0", Some(XdpMode::Skb)).expect("attach");
+            dp
+        });
+        dp.set_config(Config {
+            seed: 0x0bad_cafe,
+            src4: addr_words(LB4.parse().expect("ip")).0[0],
+            src6: addr_words(LB6.parse().expect("ip")).0,
+            flags,
+            ..Default::default()
+        })
+        .expect("config");
+        dp.add_vip(IpAddr::V4(VIP4), PORT, 6, 0).expect("vip4");
+        dp.add_vip(IpAddr::V6(VIP6), PORT, 6, 0).expect("vip6");
+        dp
+    }
+
+    pub fn members(ids: &[usize]) -> Vec<maglev::Member> {
+        ids.iter()
+            .map(|&i| maglev::Member {
+                id: i as u32,
+                key: backend_addr4(i).to_string(),
+                weight: 1,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        // Unpin the decapsulation links; the namespaces go with their Netns values.
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+/// What a backend's server saw of one connection, read from its own socket.
+#[derive(Clone, Debug, Default)]
+pub struct ConnRecord {
+    /// MPTCP token (0 for plain TCP).
+    pub token: u32,
+    /// Address family (4 or 6) of each subflow's remote address, initial one first.
+    pub subflow_families: Vec<u8>,
+}
+
+/// A server on a backend: reads UPLOAD bytes, answers DOWNLOAD bytes. With
+/// `expect_joins` set it waits (deadline 10 s) until the connection has a second subflow
+/// before answering, so what it records is the connection's final shape.
+pub struct Server {
+    pub accepted: Arc<AtomicUsize>,
+    pub records: Arc<Mutex<Vec<ConnRecord>>>,
+    pub expect_joins: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn mptcp_socket(domain: Domain) -> std::io::Result<Socket> {
+    Socket::new(domain, Type::STREAM, Some(Protocol::from(IPPROTO_MPTCP)))
+}
+
+fn sockaddr_family_addr(raw: &[u8]) -> u8 {
+    match u16::from_ne_bytes([raw[0], raw[1]]) as i32 {
+        libc::AF_INET => 4,
+        libc::AF_INET6 => {
+            // A v4-mapped IPv6 address is an IPv4 peer on a dual-stack socket.
+            let a = &raw[8..24];
+            if a[..10].iter().all(|b| *b == 0) && a[10..12] == [0xff, 0xff] {
+                4
+            } else {
+                6
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// The token and the subflows' remote address families of an MPTCP socket.
+pub fn mptcp_shape(sock: &impl std::os::fd::AsRawFd) -> ConnRecord {
+    let fd = sock.as_raw_fd();
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_MPTCP,
+            MPTCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return ConnRecord::default();
+    }
+    let token = u32::from_ne_bytes(info[12..16].try_into().expect("4 bytes"));
+    // struct mptcp_subflow_data (16 bytes) then one mptcp_subflow_addrs (two
+    // sockaddr_storage, 256 bytes) per subflow.
+    const ENTRY: usize = 256;
+    let mut buf = vec![0u8; 16 + 8 * ENTRY];
+    buf[..4].copy_from_slice(&16u32.to_ne_bytes());
+    buf[12..16].copy_from_slice(&(ENTRY as u32).to_ne_bytes());
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: as above, into `buf`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_MPTCP,
+            MPTCP_SUBFLOW_ADDRS,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return ConnRecord {
+            token,
+            subflow_families: Vec::new(),
+        };
+    }
+    let n = u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes")) as usize;
+    let families = (0..n.min(8))
+        .map(|k| sockaddr_family_addr(&buf[16 + k * ENTRY + 128..]))
+        .collect();
+    ConnRecord {
+        token,
+        subflow_families: families,
+    }
+}
+
+/// Starts the server in `ns` and returns once it listens.
+pub fn serve(ns: &Netns) -> Server {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let records = Arc::new(Mutex::new(Vec::new()));
+    let expect_joins = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a, r, e, s) = (
+        accepted.clone(),
+        records.clone(),
+        expect_joins.clone(),
+        stop.clone(),
+    );
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    ns.enter(move || {
+        // MPTCP, dual-stack: IPv4 clients arrive v4-mapped; plain TCP clients fall back.
+        let listener = mptcp_socket(Domain::IPV6).expect("MPTCP socket (is net.mptcp.enabled=1?)");
+        listener.set_only_v6(false).expect("dual-stack");
+        listener.set_reuse_address(true).expect("reuse");
+        listener
+            .bind(&SockAddr::from(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                PORT,
+            )))
+            .expect("bind");
+        listener.listen(1024).expect("listen");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener: std::net::TcpListener = listener.into();
+        ready_tx.send(()).expect("ready");
+        while !s.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    a.fetch_add(1, Ordering::Relaxed);
+                    let (r, wait) = (r.clone(), e.load(Ordering::Relaxed));
+                    std::thread::spawn(move || {
+                        conn.set_nonblocking(false).expect("blocking");
+                        conn.set_read_timeout(Some(Duration::from_secs(20)))
+                            .expect("timeout");
+                        let mut buf = vec![0u8; UPLOAD];
+                        if conn.read_exact(&mut buf).is_err()
+                            || buf.iter().enumerate().any(|(i, b)| *b != (i % 251) as u8)
+                        {
+                            return;
+                        }
+                        let mut shape = mptcp_shape(&conn);
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while wait && shape.subflow_families.len() < 2 && Instant::now() < deadline
+                        {
+                            std::thread::sleep(Duration::from_millis(5));
+                            shape = mptcp_shape(&conn);
+                        }
+                        r.lock().expect("records").push(shape);
+                        let reply: Vec<u8> = (0..DOWNLOAD).map(|i| (i % 253) as u8).collect();
+                        let _ = conn.write_all(&reply);
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server listening");
+    Server {
+        accepted,
+        records,
+        expect_joins,
+        stop,
+    }
+}
+
+/// One client connection (MPTCP or plain TCP): the upload in two halves (`between` runs
+/// in the middle, to change something while the connection is established), then the
+/// whole download, checked byte by byte.
+pub fn exchange(vip: IpAddr, mptcp: bool, between: impl FnOnce()) -> Result<(), String> {
+    let addr = SocketAddr::new(vip, PORT);
+    // MPTCP clients use a dual-stack IPv6 socket (IPv4 VIPs as v4-mapped addresses): the
+    // kernel lets one connection mix address families only on an AF_INET6 socket.
+    let (domain, target) = match (mptcp, vip) {
+        (true, IpAddr::V4(v4)) => (
+            Domain::IPV6,
+            SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), PORT),
+        ),
+        (_, IpAddr::V4(_)) => (Domain::IPV4, addr),
+        (_, IpAddr::V6(_)) => (Domain::IPV6, addr),
+    };
+    let sock = if mptcp {
+        mptcp_socket(domain)
+    } else {
+        Socket::new(domain, Type::STREAM, None)
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    sock.connect_timeout(&SockAddr::from(target), Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut c: std::net::TcpStream = sock.into();
+    c.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let upload: Vec<u8> = (0..UPLOAD).map(|i| (i % 251) as u8).collect();
+    c.write_all(&upload[..UPLOAD / 2])
+        .map_err(|e| format!("write: {e}"))?;
+    between();
+    c.write_all(&upload[UPLOAD / 2..])
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = vec![0u8; DOWNLOAD];
+    c.read_exact(&mut got)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    if got.iter().enumerate().any(|(i, b)| *b != (i % 253) as u8) {
+        return Err(format!("corrupted reply from {addr}"));
+    }
+    Ok(())
+}
+
+/// `n` connections from the client, `parallel` at a time; `vip_of(k)` picks each one's VIP.
+pub fn run_clients(
+    client: &Netns,
+    n: usize,
+    parallel: usize,
+    mptcp: bool,
+    vip_of: fn(usize) -> IpAddr,
+) -> Vec<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..parallel)
+        .map(|_| {
+            let next = next.clone();
+            client.enter(move || {
+                let mut errors = Vec::new();
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= n {
+                        return errors;
+                    }
+                    if let Err(e) = exchange(vip_of(k), mptcp, || {}) {
+                        errors.push(e);
+                    }
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect()
+}
+
+/// Alternating IPv4 and IPv6 VIPs.
+pub fn alternate(k: usize) -> IpAddr {
+    if k.is_multiple_of(2) {
+        IpAddr::V4(VIP4)
+    } else {
+        IpAddr::V6(VIP6)
+    }
+}
