@@ -580,3 +580,350 @@ fn removed_backend_connections_are_replaced() {
         assert_eq!(dp.counter(Counter::ConnRepick).expect("counter"), 1);
     });
 }
+
+/// MP_CAPABLE option of a client's third ACK or first data segment: both keys, then
+/// (len 22, 24) the data-level length and checksum; padded with NOPs to a multiple of 4.
+fn mp_capable_keys(version: u8, len: u8, client_key: u64, server_key: u64) -> Vec<u8> {
+    let mut o = vec![1, 1, 30, len, version, 0x01];
+    o.extend_from_slice(&client_key.to_be_bytes());
+    o.extend_from_slice(&server_key.to_be_bytes());
+    o.resize(2 + len as usize, 0);
+    while o.len() % 4 != 0 {
+        o.push(1);
+    }
+    o
+}
+
+fn mp_join_syn(token: u32) -> Vec<u8> {
+    let mut o = vec![30, 12, 0x10, 1];
+    o.extend_from_slice(&token.to_be_bytes());
+    o.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    o
+}
+
+const MP_CAPABLE_SYN_V1: [u8; 4] = [30, 4, 0x01, 0x01];
+const MP_CAPABLE_SYN_V0: [u8; 12] = [
+    30, 12, 0x00, 0x01, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8,
+];
+
+fn sha256_token(key: u64) -> u32 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(key.to_be_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn sha1_token(key: u64) -> u32 {
+    use sha1::Digest as _;
+    let d = sha1::Sha1::digest(key.to_be_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+#[test]
+fn mptcp_fixtures() {
+    if !privileged("mptcp_fixtures") {
+        return;
+    }
+    let env = environment("mp");
+    let (lb_mac, ifindex) = (env.lb_mac, env.ifindex);
+    env.ns.within(move || {
+        let mut dp = Dataplane::load(Sizes {
+            ring_size: RING,
+            conn_entries: 4096,
+            token_entries: 4096,
+        })
+        .expect("load");
+        let ring = configure(&mut dp);
+        // The Maglev service also answers on an IPv6 VIP: joins may cross families.
+        dp.add_vip(v6(vip6(6)), 80, 6, 5).expect("vip6");
+        let backend_of = |k: &FlowKey| ring[(flow_hash(k, SEED) % RING) as usize];
+        let be_addr = |id: u32| MAGLEV_BES[(id - 5) as usize];
+        let tx =
+            |p: &[u8], id: u32| Output::Exactly(ipip4(GW_MAC, lb_mac, LB4, be_addr(id), &ip_of(p)));
+
+        // Connection A: v1 handshake on the IPv4 VIP.
+        let server_key_a = 0x7a9c_3840_1a72_f870u64;
+        let token_a = sha256_token(server_key_a);
+        assert_eq!(
+            token_a, 0x4e4b_2c90,
+            "the wire example of ../shared/MPTCP.md"
+        );
+        let owner = backend_of(&key4(CLIENT4, vip4(6), 41000, 80, 6));
+        let syn_a = tcp4(CLIENT4, vip4(6), 41000, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let ack_a = tcp4(
+            CLIENT4,
+            vip4(6),
+            41000,
+            80,
+            ACK,
+            &mp_capable_keys(1, 20, 0x1111, server_key_a),
+            &[],
+        );
+        // A join from another address whose own 5-tuple Maglev would send elsewhere.
+        let other = [192, 0, 2, 77];
+        let join_port = (42000u16..)
+            .find(|p| backend_of(&key4(other, vip4(6), *p, 80, 6)) != owner)
+            .expect("a 5-tuple that hashes to another backend");
+        let join4 = tcp4(
+            other,
+            vip4(6),
+            join_port,
+            80,
+            SYN,
+            &mp_join_syn(token_a),
+            &[],
+        );
+        let join6 = tcp6(CLIENT6, vip6(6), 43000, 80, SYN, &mp_join_syn(token_a), &[]);
+        let join6_out = ipip4(GW_MAC, lb_mac, LB4, be_addr(owner), &ip_of(&join6));
+
+        // Connections B (len 22) and C (len 24): the third ACK was lost, data carries the keys.
+        let (key_b, key_c) = (0x0bbb_0000_0000_0002u64, 0x0ccc_0000_0000_0003u64);
+        let syn_b = tcp4(CLIENT4, vip4(6), 41001, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let data_b = tcp4(
+            CLIENT4,
+            vip4(6),
+            41001,
+            80,
+            ACK,
+            &mp_capable_keys(1, 22, 0x2222, key_b),
+            b"hello",
+        );
+        let syn_c = tcp4(CLIENT4, vip4(6), 41002, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let data_c = tcp4(
+            CLIENT4,
+            vip4(6),
+            41002,
+            80,
+            ACK,
+            &mp_capable_keys(1, 24, 0x3333, key_c),
+            b"hello",
+        );
+        // Connection D: version 0 (SHA-1).
+        let key_d = 0x0ddd_0000_0000_0004u64;
+        let syn_d = tcp4(CLIENT4, vip4(6), 41003, 80, SYN, &MP_CAPABLE_SYN_V0, &[]);
+        let ack_d = tcp4(
+            CLIENT4,
+            vip4(6),
+            41003,
+            80,
+            ACK,
+            &mp_capable_keys(0, 20, 0xc1c2, key_d),
+            &[],
+        );
+        // A forged third ACK for a flow that never sent a SYN through us.
+        let forged = tcp4(
+            CLIENT4,
+            vip4(6),
+            41500,
+            80,
+            ACK,
+            &mp_capable_keys(1, 20, 0x5555, 0x0eee_0000_0000_0005),
+            &[],
+        );
+        // A second handshake on another backend presenting connection A's server key.
+        let coll_port = (44000u16..)
+            .find(|p| backend_of(&key4(CLIENT4, vip4(6), *p, 80, 6)) != owner)
+            .expect("a flow on another backend");
+        let coll_be = backend_of(&key4(CLIENT4, vip4(6), coll_port, 80, 6));
+        let syn_e = tcp4(
+            CLIENT4,
+            vip4(6),
+            coll_port,
+            80,
+            SYN,
+            &MP_CAPABLE_SYN_V1,
+            &[],
+        );
+        let ack_e = tcp4(
+            CLIENT4,
+            vip4(6),
+            coll_port,
+            80,
+            ACK,
+            &mp_capable_keys(1, 20, 0x6666, server_key_a),
+            &[],
+        );
+        let unknown = tcp4(
+            other,
+            vip4(6),
+            45000,
+            80,
+            SYN,
+            &mp_join_syn(0xdead_beef),
+            &[],
+        );
+        // Malformed option spaces: the option walk stops, the SYN is balanced as plain TCP.
+        let short_opt = tcp4(CLIENT4, vip4(6), 41600, 80, SYN, &[30, 1, 0x01, 0x01], &[]);
+        let past_end = tcp4(CLIENT4, vip4(6), 41601, 80, SYN, &[1, 1, 30, 12], &[]);
+        let mut doff4 = tcp4(CLIENT4, vip4(6), 41602, 80, SYN, &[], &[]);
+        doff4[46] = 0x40;
+        let plain = |p: &[u8], port: u16| tx(p, backend_of(&key4(CLIENT4, vip4(6), port, 80, 6)));
+
+        let table = vec![
+            case(
+                "MP_CAPABLE SYN v1 (len 4) -> Maglev backend",
+                syn_a.clone(),
+                XDP_TX,
+                tx(&syn_a, owner),
+            ),
+            case(
+                "third ACK (len 20) learns the token",
+                ack_a.clone(),
+                XDP_TX,
+                tx(&ack_a, owner),
+            ),
+            case(
+                "MP_JOIN SYN, known token, 5-tuple hashing elsewhere -> token's backend",
+                join4.clone(),
+                XDP_TX,
+                tx(&join4, owner),
+            ),
+            case(
+                "MP_JOIN SYN on the IPv6 VIP for the IPv4 connection -> same backend",
+                join6,
+                XDP_TX,
+                Output::Exactly(join6_out),
+            ),
+            case(
+                "MP_CAPABLE SYN (B)",
+                syn_b.clone(),
+                XDP_TX,
+                plain(&syn_b, 41001),
+            ),
+            case(
+                "first data with MP_CAPABLE len 22 (ACK lost) learns",
+                data_b.clone(),
+                XDP_TX,
+                plain(&data_b, 41001),
+            ),
+            case(
+                "MP_CAPABLE SYN (C)",
+                syn_c.clone(),
+                XDP_TX,
+                plain(&syn_c, 41002),
+            ),
+            case(
+                "first data with MP_CAPABLE len 24 (checksums) learns",
+                data_c.clone(),
+                XDP_TX,
+                plain(&data_c, 41002),
+            ),
+            case(
+                "MP_CAPABLE SYN v0 (len 12)",
+                syn_d.clone(),
+                XDP_TX,
+                plain(&syn_d, 41003),
+            ),
+            case(
+                "v0 third ACK (len 20) learns a SHA-1 token",
+                ack_d.clone(),
+                XDP_TX,
+                plain(&ack_d, 41003),
+            ),
+            case(
+                "forged MP_CAPABLE ACK for an unknown flow: forwarded, teaches nothing",
+                forged.clone(),
+                XDP_TX,
+                plain(&forged, 41500),
+            ),
+            case(
+                "handshake on another backend reusing a live token (SYN)",
+                syn_e.clone(),
+                XDP_TX,
+                tx(&syn_e, coll_be),
+            ),
+            case(
+                "... its third ACK collides: first writer keeps the token",
+                ack_e.clone(),
+                XDP_TX,
+                tx(&ack_e, coll_be),
+            ),
+            case(
+                "MP_JOIN SYN with an unknown token, policy drop: dropped",
+                unknown.clone(),
+                XDP_DROP,
+                Output::Unchanged,
+            ),
+            case(
+                "MPTCP option with length 1: plain SYN",
+                short_opt.clone(),
+                XDP_TX,
+                plain(&short_opt, 41600),
+            ),
+            case(
+                "MPTCP option running past the header: plain SYN",
+                past_end.clone(),
+                XDP_TX,
+                plain(&past_end, 41601),
+            ),
+            case(
+                "TCP data offset 4 to a VIP: dropped",
+                doff4,
+                XDP_DROP,
+                Output::Unchanged,
+            ),
+        ];
+        run_table(dp.program(), &table, ifindex);
+
+        let tokens = &dp.maps.tokens;
+        let entry = tokens.get(&token_a, 0).expect("token A learned");
+        assert_eq!((entry.backend, entry.service, entry.version), (owner, 5, 1));
+        assert!(entry.learned_ns > 0 && entry.last_seen_ns >= entry.learned_ns);
+        for (key, conn_port) in [(key_b, 41001), (key_c, 41002)] {
+            let e = tokens
+                .get(&sha256_token(key), 0)
+                .expect("token learned from data");
+            assert_eq!(
+                e.backend,
+                backend_of(&key4(CLIENT4, vip4(6), conn_port, 80, 6))
+            );
+        }
+        let d = tokens
+            .get(&sha1_token(key_d), 0)
+            .expect("v0 token learned with SHA-1");
+        assert_eq!(d.version, 0);
+        assert!(
+            tokens.get(&sha256_token(0x0eee_0000_0000_0005), 0).is_err(),
+            "a forged ACK taught a token"
+        );
+        let conn_a = dp
+            .maps
+            .conns
+            .get(&key4(CLIENT4, vip4(6), 41000, 80, 6), 0)
+            .expect("conn A");
+        assert_eq!(conn_a.token, token_a, "the flow entry carries its token");
+        let join_conn = dp
+            .maps
+            .conns
+            .get(&key4(other, vip4(6), join_port, 80, 6), 0)
+            .expect("join flow recorded");
+        assert_eq!((join_conn.backend, join_conn.token), (owner, token_a));
+
+        let c = |k| dp.counter(k).expect("counter");
+        assert_eq!(c(Counter::MpCapableSynV1), 4);
+        assert_eq!(c(Counter::MpCapableSynV0), 1);
+        assert_eq!(c(Counter::TokenLearnedV1), 3);
+        assert_eq!(c(Counter::TokenLearnedV0), 1);
+        assert_eq!(c(Counter::TokenCollision), 1);
+        assert_eq!(c(Counter::JoinRouted), 2);
+        assert_eq!(c(Counter::JoinUnknownDropped), 1);
+
+        // Policy `hash`: an unknown token is placed by Maglev on the token itself.
+        dp.set_config(Config {
+            seed: SEED,
+            src4: addr_words(v4(LB4)).0[0],
+            src6: addr_words(v6(LB6)).0,
+            flags: lb_common::maps::CONFIG_JOIN_UNKNOWN_HASH,
+            ..Default::default()
+        })
+        .expect("config");
+        let hashed = ring[(lb_common::hash::hash_u32(0xdead_beef, SEED) % RING) as usize];
+        let table = vec![case(
+            "MP_JOIN SYN with an unknown token, policy hash -> Maglev on the token",
+            unknown.clone(),
+            XDP_TX,
+            tx(&unknown, hashed),
+        )];
+        run_table(dp.program(), &table, ifindex);
+        assert_eq!(dp.counter(Counter::JoinUnknownHashed).expect("counter"), 1);
+    });
+}
