@@ -5,6 +5,7 @@ pub mod fixture;
 pub mod netns;
 pub mod packets;
 pub mod testbed;
+pub mod testenv;
 
 /// True when the test may go on. Not root: prints why it skips, or under `CI=true`
 /// panics, because CI runs as root and a skip there would hide a failure.

@@ -3,12 +3,10 @@
 //! and permanent neighbour entries make the FIB lookups, and so the output frames,
 //! deterministic.
 
-use std::net::IpAddr;
-
 use lb_common::{
     counters::Counter,
     hash::flow_hash,
-    maps::{BACKEND_ACTIVE, Config, FlowKey},
+    maps::{Config, FlowKey},
 };
 use lb_userspace::{
     dataplane::{Dataplane, Sizes, addr_words},
@@ -16,107 +14,10 @@ use lb_userspace::{
 };
 use mptcp_lb_tests::{
     fixture::{Fixture, Output, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, run_once, run_table},
-    netns::{Netns, veth},
     packets::*,
     privileged,
+    testenv::*,
 };
-
-const CLIENT4: [u8; 4] = [192, 0, 2, 10];
-const CLIENT6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
-];
-const OTHER4: [u8; 4] = [198, 51, 100, 1];
-const OTHER6: [u8; 16] = [
-    0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
-];
-const LB4: [u8; 4] = [10, 10, 0, 1];
-const LB6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const GW_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
-const OUT_GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
-const SEED: u32 = 0x5eed_1234;
-const RING: u32 = 1009;
-
-fn v4(a: [u8; 4]) -> IpAddr {
-    IpAddr::from(a)
-}
-fn v6(a: [u8; 16]) -> IpAddr {
-    IpAddr::from(a)
-}
-fn vip4(last: u8) -> [u8; 4] {
-    [10, 100, 0, last]
-}
-fn vip6(last: u8) -> [u8; 16] {
-    [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last]
-}
-
-// Backends: ids 1-2 are routed out of the ingress interface (XDP_TX), 3-4 out of the
-// other one (XDP_REDIRECT); 5-7 share a service to exercise Maglev.
-const BE1: [u8; 4] = [10, 1, 0, 11];
-const BE2: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12];
-const BE3: [u8; 4] = [10, 2, 0, 13];
-const BE4: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14];
-const MAGLEV_BES: [[u8; 4]; 3] = [[10, 1, 0, 21], [10, 1, 0, 22], [10, 1, 0, 23]];
-
-struct Env {
-    ns: Netns,
-    _peer: Netns,
-    lb_mac: [u8; 6],
-    out_mac: [u8; 6],
-    ifindex: u32,
-}
-
-/// The balancer's namespace `mlb-<tag>` and a peer holding the other veth ends.
-fn environment(tag: &str) -> Env {
-    let ns = Netns::new(&format!("mlb-{tag}"));
-    let peer = Netns::new(&format!("mlb-{tag}-peer"));
-    veth(&ns, "lb0", &peer, "gw0", 1500);
-    veth(&ns, "out0", &peer, "gw1", 1500);
-    ns.addr("lb0", "10.10.0.1/24");
-    ns.addr("lb0", "fd00:10::1/64");
-    ns.addr("out0", "10.20.0.1/24");
-    ns.addr("out0", "fd00:20::1/64");
-    ns.neigh_permanent("lb0", "10.10.0.254", "02:aa:00:00:00:01");
-    ns.neigh_permanent("lb0", "fd00:10::fe", "02:aa:00:00:00:01");
-    ns.neigh_permanent("out0", "10.20.0.254", "02:bb:00:00:00:01");
-    ns.neigh_permanent("out0", "fd00:20::fe", "02:bb:00:00:00:01");
-    ns.route(&["10.1.0.0/24", "via", "10.10.0.254"]);
-    ns.route(&["fd00:1::/64", "via", "fd00:10::fe"]);
-    ns.route(&["10.2.0.0/24", "via", "10.20.0.254"]);
-    ns.route(&["fd00:2::/64", "via", "fd00:20::fe"]);
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-    Env {
-        lb_mac: ns.mac("lb0"),
-        out_mac: ns.mac("out0"),
-        ifindex: ns.ifindex("lb0"),
-        ns,
-        _peer: peer,
-    }
-}
-
-fn key4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src: addr_words(v4(src)).0,
-        dst: addr_words(v4(dst)).0,
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        family: 4,
-        _pad: [0; 2],
-    }
-}
-
-fn key6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> FlowKey {
-    FlowKey {
-        src: addr_words(v6(src)).0,
-        dst: addr_words(v6(dst)).0,
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: 6,
-        family: 6,
-        _pad: [0; 2],
-    }
-}
 
 fn case(description: &str, input: Vec<u8>, verdict: u32, output: Output) -> Fixture {
     Fixture {
@@ -125,57 +26,6 @@ fn case(description: &str, input: Vec<u8>, verdict: u32, output: Output) -> Fixt
         verdict,
         output,
     }
-}
-
-fn configure(dp: &mut Dataplane) -> Vec<u32> {
-    dp.set_config(Config {
-        seed: SEED,
-        src4: addr_words(v4(LB4)).0[0],
-        src6: addr_words(v6(LB6)).0,
-        ..Default::default()
-    })
-    .expect("config");
-    let backends: [(u32, IpAddr); 4] = [(1, v4(BE1)), (2, v6(BE2)), (3, v4(BE3)), (4, v6(BE4))];
-    for (id, addr) in backends {
-        dp.set_backend(id, addr, BACKEND_ACTIVE).expect("backend");
-    }
-    let single = |id: u32, addr: IpAddr| {
-        vec![maglev::Member {
-            id,
-            key: addr.to_string(),
-            weight: 1,
-        }]
-    };
-    // One service per encapsulation combination, each with a single backend.
-    for (service, vip, (id, addr)) in [
-        (0, v4(vip4(1)), backends[0]),
-        (1, v4(vip4(2)), backends[1]),
-        (2, v6(vip6(3)), backends[2]),
-        (3, v6(vip6(4)), backends[3]),
-    ] {
-        dp.add_vip(vip, 80, 6, service).expect("vip");
-        dp.set_ring(service, &single(id, addr)).expect("ring");
-    }
-    dp.add_vip(v4(vip4(1)), 53, 17, 0).expect("udp vip");
-    // Service 5: three backends under Maglev.
-    let members: Vec<maglev::Member> = MAGLEV_BES
-        .iter()
-        .enumerate()
-        .map(|(i, a)| maglev::Member {
-            id: 5 + i as u32,
-            key: v4(*a).to_string(),
-            weight: 1,
-        })
-        .collect();
-    for m in &members {
-        dp.set_backend(m.id, m.key.parse().expect("addr"), BACKEND_ACTIVE)
-            .expect("backend");
-    }
-    dp.add_vip(v4(vip4(6)), 80, 6, 5).expect("vip");
-    dp.set_ring(5, &members).expect("ring");
-    // Service 6: a VIP with no backend.
-    dp.add_vip(v4(vip4(7)), 80, 6, 6).expect("vip");
-    maglev::build(&members, RING)
 }
 
 #[test]
@@ -580,31 +430,6 @@ fn removed_backend_connections_are_replaced() {
         assert_eq!(dp.counter(Counter::ConnRepick).expect("counter"), 1);
     });
 }
-
-/// MP_CAPABLE option of a client's third ACK or first data segment: both keys, then
-/// (len 22, 24) the data-level length and checksum; padded with NOPs to a multiple of 4.
-fn mp_capable_keys(version: u8, len: u8, client_key: u64, server_key: u64) -> Vec<u8> {
-    let mut o = vec![1, 1, 30, len, version, 0x01];
-    o.extend_from_slice(&client_key.to_be_bytes());
-    o.extend_from_slice(&server_key.to_be_bytes());
-    o.resize(2 + len as usize, 0);
-    while o.len() % 4 != 0 {
-        o.push(1);
-    }
-    o
-}
-
-fn mp_join_syn(token: u32) -> Vec<u8> {
-    let mut o = vec![30, 12, 0x10, 1];
-    o.extend_from_slice(&token.to_be_bytes());
-    o.extend_from_slice(&0x0102_0304u32.to_be_bytes());
-    o
-}
-
-const MP_CAPABLE_SYN_V1: [u8; 4] = [30, 4, 0x01, 0x01];
-const MP_CAPABLE_SYN_V0: [u8; 12] = [
-    30, 12, 0x00, 0x01, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8,
-];
 
 fn sha256_token(key: u64) -> u32 {
     use sha2::Digest as _;

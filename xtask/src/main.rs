@@ -33,6 +33,9 @@ enum Task {
     /// THE test command: format check, clippy (warnings denied), host unit tests, then
     /// the privileged tests (kernel loads, packet fixtures, network namespaces).
     Test,
+    /// Benchmark the dataplane with BPF_PROG_TEST_RUN: ns/packet per traffic class
+    /// beside the floor (a bare XDP_PASS program) measured in the same run.
+    Bench,
     /// Show MPTCP subflow affinity end to end in network namespaces.
     Demo,
 }
@@ -124,6 +127,21 @@ fn main() -> anyhow::Result<()> {
             run("build eBPF object and mptcp-lb", &mut cmd)
         }
         Task::Test => test(),
+        Task::Bench => {
+            setup::ensure(false)?;
+            run(
+                "benchmark (release build)",
+                cargo().args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "mptcp-lb-tests",
+                    "--bin",
+                    "bench",
+                ]),
+            )
+        }
         Task::Demo => {
             println!(
                 "The demo is not built yet. It will bring up a client with two paths, an edge \
