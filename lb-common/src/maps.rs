@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -28,6 +28,10 @@ pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 pub const MAP_DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
 /// MPTCP token → [`TokenEntry`] (LRU, shared across CPUs).
 pub const MAP_TOKENS: &str = "LB_TOKENS";
+/// Next hop per backend, per CPU: what the last route lookup said (cache).
+pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
+/// Benchmark only: the frame the resetting wrapper restores before every iteration.
+pub const MAP_BENCH: &str = "LB_BENCH";
 
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
@@ -160,7 +164,8 @@ const _: () = assert!(core::mem::size_of::<Conn>() == 16);
 pub struct TokenEntry {
     pub backend: u32,
     pub service: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when it was learned and last refreshed.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, tick resolution) when it was learned
+    /// and last refreshed.
     pub learned_ns: u64,
     pub last_seen_ns: u64,
     /// MPTCP version the token was derived for (0 = SHA-1, 1 = SHA-256).
@@ -188,6 +193,48 @@ pub struct AddrKey {
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 
+/// How long a route lookup's answer for a backend is reused: route and neighbour changes
+/// reach the dataplane within this time.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+
+/// A cached route lookup for one backend (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// Egress interface; 0 = no entry.
+    pub ifindex: u32,
+    /// MTU of the route: larger outer packets are dropped as too big.
+    pub mtu: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` after which the entry must be looked up again.
+    pub expires_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+/// Largest frame the benchmark wrapper restores.
+pub const BENCH_FRAME: usize = 256;
+
+/// What `cargo xtask bench` asks of the resetting wrapper program for one class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct BenchFrame {
+    /// Frame length, a multiple of 8 (pad with trailing bytes; IP lengths stay right).
+    pub len: u32,
+    /// Offset at which to write the iteration number (u32) before each run, so every
+    /// iteration is a new flow or carries a new key; 0 = leave the frame as it is.
+    pub vary_off: u32,
+    /// 1: before each run, reset the connection entry of `flow` to "began with
+    /// MP_CAPABLE, token not learned", so every iteration learns.
+    pub relearn: u32,
+    /// Iteration counter.
+    pub seq: u32,
+    pub flow: FlowKey,
+    pub bytes: [u8; BENCH_FRAME],
+}
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 16 + 40 + BENCH_FRAME);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], bytemuck::Pod (no padding, any bit pattern).
@@ -208,4 +255,8 @@ mod pod {
     unsafe impl aya::Pod for super::AddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TokenEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BenchFrame {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHop {}
 }

@@ -114,7 +114,6 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         family: family(&pkt),
         _pad: [0; 2],
     };
-    let hash = flow_hash(&key, cfg.seed);
     let is_syn =
         pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
 
@@ -195,8 +194,12 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     } else {
         count(Counter::ConnNew);
     }
+    // The flow hash is needed only to place a new flow (Katran's habit too).
+    let mut hash = None;
     if backend_id == 0 {
-        backend_id = maglev_pick(&cfg, vip.service, hash);
+        let h = flow_hash(&key, cfg.seed);
+        hash = Some(h);
+        backend_id = maglev_pick(&cfg, vip.service, h);
         if backend_id != 0 {
             let conn = Conn {
                 backend: backend_id,
@@ -217,5 +220,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     }
     add_traffic(&SERVICE_STATS, vip.service, packet_len);
     add_traffic(&BACKEND_STATS, backend_id, packet_len);
-    encap::forward(ctx, &cfg, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6, hash)
+    encap::forward(
+        ctx, &cfg, &key, hash, backend_id, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6,
+    )
 }

@@ -7,6 +7,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod balancer;
+mod bench;
 mod decap;
 mod encap;
 mod maps;
@@ -25,6 +26,21 @@ pub fn mptcp_lb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
+}
+
+/// Benchmark harness: restores the original frame, then runs the balancer.
+#[xdp]
+pub fn bench_balancer(ctx: XdpContext) -> u32 {
+    if !bench::reset(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    balancer::balance(&ctx)
+}
+
+/// Benchmark harness: the restore alone (the floor of the resetting method).
+#[xdp]
+pub fn bench_reset(ctx: XdpContext) -> u32 {
+    bench::reset_only(&ctx)
 }
 
 /// Does nothing but pass: the floor that `cargo xtask bench` measures beside the balancer.

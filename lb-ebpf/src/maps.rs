@@ -42,6 +42,15 @@ pub static CONNS: LruHashMap<FlowKey, Conn> =
 pub static TOKENS: LruHashMap<u32, TokenEntry> =
     LruHashMap::with_max_entries(DEFAULT_TOKEN_ENTRIES, 0);
 
+/// Route lookups per backend, per CPU, reused for NEXTHOP_TTL_NS: a FIB lookup per
+/// packet costs more than the rest of the fast path.
+#[map(name = "LB_NEXTHOPS")]
+pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Benchmark only: the frame `bench_balancer` restores before every iteration.
+#[map(name = "LB_BENCH")]
+pub static BENCH: Array<BenchFrame> = Array::with_max_entries(1, 0);
+
 /// Global counters.
 #[map(name = "LB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

@@ -7,6 +7,10 @@ use aya::Ebpf;
 pub const PROG_BALANCER: &str = "mptcp_lb";
 /// Name of the backends' decapsulation program.
 pub const PROG_DECAP: &str = "lb_decap";
+/// Benchmark harness: restore the frame, then balance.
+pub const PROG_BENCH_BALANCER: &str = "bench_balancer";
+/// Benchmark harness: restore the frame only.
+pub const PROG_BENCH_RESET: &str = "bench_reset";
 /// Name of the bare XDP_PASS program (the benchmark floor).
 pub const PROG_PASS: &str = "xdp_pass";
 

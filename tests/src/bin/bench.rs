@@ -1,93 +1,118 @@
 //! `cargo xtask bench`: nanoseconds per packet of the balancer, per traffic class, beside
-//! a bare XDP_PASS program measured in the same run (the floor).
+//! the floors measured in the same run.
 //!
-//! Method (../shared/PLATFORM.md): BPF_PROG_TEST_RUN with repeat = 1 for every packet,
-//! because the balancer rewrites the packet (encapsulation) and with repeat > 1 it would
-//! measure itself on its own output. The time is the kernel's own measurement of the run
-//! (no syscall overhead). Every run's verdict is checked; new-flow classes use a new
-//! 5-tuple for every packet, so each one really inserts.
+//! Method (../shared/PLATFORM.md): BPF_PROG_TEST_RUN does not reset the packet between
+//! repeats, and the balancer rewrites it (encapsulation). So the measured program is a
+//! wrapper, `bench_balancer`, that first restores the original frame from a map, then
+//! runs the very same `balance()` function. Each iteration can also get a new source
+//! address (new-flow classes then really insert into the table every time) or a new
+//! server key (the learning class then derives a new token every time). The wrapper's
+//! own cost is measured as `bench_reset` (restore, then XDP_PASS): the floor of the
+//! method. A bare XDP_PASS program gives the absolute floor. The time is the kernel's
+//! (per iteration, averaged over `REPEAT`); the table shows the median over `CALLS`
+//! calls, and the verdict of every call is checked.
 
-use std::time::Duration;
-
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya::{
+    maps::Array,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use lb_common::{
+    maps::{BENCH_FRAME, BenchFrame, FlowKey, MAP_BENCH, TokenEntry},
+    mptcp::token_v1,
+};
 use lb_userspace::{
     dataplane::{Dataplane, Sizes},
     loader,
 };
 use mptcp_lb_tests::{
-    fixture::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, verdict_name},
+    fixture::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, run_once, verdict_name},
     packets::*,
     testenv::*,
 };
 
-const RUNS: usize = 20_000;
-const WARMUP: usize = 1_000;
+const CALLS: usize = 30;
+/// 32k new flows per class at most: the table (1M) never has to evict.
+const REPEAT: u32 = 1_000;
+/// Offsets in an untagged IPv4 frame: source address; low half of the server key in a
+/// third ACK built by `mp_capable_keys` (options at 54: NOP NOP 30 20 ver flags ckey skey).
+const IPV4_SRC: u32 = 26;
+const IPV6_SRC_LAST: u32 = 34;
+const SERVER_KEY_LOW: u32 = 72;
 
-/// Runs `input` once as if received on `ifindex`; returns the verdict and the kernel's time.
-fn run(prog: &Xdp, input: &[u8], ifindex: u32) -> (u32, Duration) {
-    let mut out = vec![0u8; input.len() + 256];
-    let mut md = [0u8; 24];
-    md[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
-    md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    let opts = TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        ctx_in: Some(&md),
-        repeat: 1,
-        ..Default::default()
-    };
-    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-    (r.return_value, r.duration)
-}
-
-struct Row {
-    class: &'static str,
-    median: f64,
-    p90: f64,
-    mean: f64,
-}
-
-/// Measures `packets(i)` for i in 0..WARMUP+RUNS (`before(i)` runs first, untimed: the
-/// handshake a learning ACK needs, say), checking every verdict.
-fn measure(
-    class: &'static str,
-    prog: &Xdp,
-    ifindex: u32,
+struct Class {
+    name: &'static str,
+    frame: Vec<u8>,
     verdict: u32,
-    mut before: impl FnMut(usize),
-    mut packet: impl FnMut(usize) -> Vec<u8>,
-) -> Row {
-    let mut ns: Vec<f64> = Vec::with_capacity(RUNS);
-    for i in 0..WARMUP + RUNS {
-        before(i);
-        let p = packet(i);
-        let (v, d) = run(prog, &p, ifindex);
-        assert_eq!(
-            v,
-            verdict,
-            "{class}: run {i} gave {} instead of {}",
-            verdict_name(v),
-            verdict_name(verdict)
-        );
-        if i >= WARMUP {
-            ns.push(d.as_nanos() as f64);
-        }
-    }
-    ns.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    Row {
-        class,
-        median: ns[ns.len() / 2],
-        p90: ns[ns.len() * 9 / 10],
-        mean: ns.iter().sum::<f64>() / ns.len() as f64,
+    vary_off: u32,
+    relearn: Option<FlowKey>,
+    katran: Option<u32>,
+}
+
+fn class(
+    name: &'static str,
+    frame: Vec<u8>,
+    verdict: u32,
+    vary_off: u32,
+    katran: Option<u32>,
+) -> Class {
+    Class {
+        name,
+        frame,
+        verdict,
+        vary_off,
+        relearn: None,
+        katran,
     }
 }
 
-/// A distinct client for flow number i (so new-flow classes never hit the table).
-fn client4(i: usize) -> ([u8; 4], u16) {
-    (
-        [192, 0, (2 + (i >> 16)) as u8, 10],
-        1024 + (i & 0xffff) as u16 % 60000,
-    )
+/// Per-iteration nanoseconds of `CALLS` calls of `REPEAT` iterations, sorted.
+fn time(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str) -> Vec<f64> {
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut per_iter: Vec<f64> = (0..CALLS + 2)
+        .map(|_| {
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                repeat: REPEAT,
+                ..Default::default()
+            };
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(
+                r.return_value,
+                verdict,
+                "{name}: {} instead of {}",
+                verdict_name(r.return_value),
+                verdict_name(verdict)
+            );
+            r.duration.as_nanos() as f64
+        })
+        .skip(2) // warm-up
+        .collect();
+    per_iter.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    per_iter
+}
+
+fn padded(mut frame: Vec<u8>) -> Vec<u8> {
+    // Trailing bytes after the IP packet are ignored by everyone (its length says so).
+    while !frame.len().is_multiple_of(8) {
+        frame.push(0);
+    }
+    assert!(frame.len() <= BENCH_FRAME);
+    frame
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn main() {
@@ -99,8 +124,8 @@ fn main() {
     let env = environment("bench");
     let ifindex = env.ifindex;
     let rows = env.ns.within(move || {
-        let mut floor_obj = loader::open().expect("object");
-        let pass: &mut Xdp = floor_obj
+        let mut bare = loader::open().expect("object");
+        let pass: &mut Xdp = bare
             .program_mut(loader::PROG_PASS)
             .expect("xdp_pass")
             .try_into()
@@ -113,35 +138,17 @@ fn main() {
         })
         .expect("load balancer");
         configure(&mut dp);
-        let prog = dp.program();
-        let syn4 = |i: usize| {
-            let (c, p) = client4(i);
-            tcp4(c, vip4(1), p, 80, SYN, &[], &[])
-        };
-        let mut rows = vec![measure(
-            "floor: bare XDP_PASS program",
-            pass,
-            ifindex,
-            XDP_PASS,
-            |_| {},
-            syn4,
-        )];
-        rows.push(measure(
-            "non-VIP, passed to the host",
-            prog,
-            ifindex,
-            XDP_PASS,
-            |_| {},
-            |i| tcp4(client4(i).0, OTHER4, client4(i).1, 22, ACK, &[], &[]),
-        ));
-        rows.push(measure(
-            "TCP SYN, new flow (table insert)",
-            prog,
-            ifindex,
-            XDP_TX,
-            |_| {},
-            syn4,
-        ));
+        for name in [loader::PROG_BENCH_BALANCER, loader::PROG_BENCH_RESET] {
+            let p: &mut Xdp = dp
+                .ebpf
+                .program_mut(name)
+                .expect("bench program")
+                .try_into()
+                .expect("xdp");
+            p.load().expect("load bench program");
+        }
+
+        // Flow state the hit and learning classes start from.
         let ack = tcp4(
             CLIENT4,
             vip4(1),
@@ -151,121 +158,213 @@ fn main() {
             &[],
             b"GET / HTTP/1.1\r\n\r\n",
         );
-        rows.push(measure(
-            "established ACK (table hit)",
-            prog,
-            ifindex,
-            XDP_TX,
-            |_| {},
-            |_| ack.clone(),
-        ));
-        // IPv6 VIP to an IPv6 backend (IP6IP6), routed out of the other interface.
-        rows.push(measure(
-            "IPv6 SYN, new flow",
-            prog,
-            ifindex,
-            XDP_REDIRECT,
-            |_| {},
-            |i| {
-                let mut c = CLIENT6;
-                c[12..16].copy_from_slice(&(i as u32).to_be_bytes());
-                tcp6(c, vip6(4), 40000, 80, SYN, &[], &[])
-            },
-        ));
-        // MPTCP classes, on the Maglev service (VIP .6): every backend reached by XDP_TX.
-        let mp_syn = |i: usize| {
-            let (c, p) = client4(i + 200_000);
-            tcp4(c, vip4(6), p, 80, SYN, &MP_CAPABLE_SYN_V1, &[])
-        };
-        rows.push(measure(
-            "MP_CAPABLE SYN, new flow",
-            prog,
-            ifindex,
-            XDP_TX,
-            |_| {},
-            mp_syn,
-        ));
-        let learn_ack = |i: usize| {
-            let (c, p) = client4(i + 400_000);
-            tcp4(
-                c,
-                vip4(6),
-                p,
-                80,
-                ACK,
-                &mp_capable_keys(1, 20, 0x1111, 0x7a9c_0000_0000_0000 | i as u64),
-                &[],
+        assert_eq!(
+            run_once(
+                dp.program(),
+                &tcp4(CLIENT4, vip4(1), 40001, 80, SYN, &[], &[]),
+                ifindex
             )
+            .0,
+            XDP_TX
+        );
+        let syn_mp = tcp4(CLIENT4, vip4(6), 41000, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        assert_eq!(run_once(dp.program(), &syn_mp, ifindex).0, XDP_TX);
+        let learn_flow = FlowKey {
+            src: [u32::from_ne_bytes(CLIENT4), 0, 0, 0],
+            dst: [u32::from_ne_bytes(vip4(6)), 0, 0, 0],
+            sport: 41000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
         };
-        rows.push(measure(
-            "ACK that learns a token (SHA-256 in BPF)",
-            prog,
-            ifindex,
-            XDP_TX,
-            |i| {
-                let (c, p) = client4(i + 400_000);
-                let syn = tcp4(c, vip4(6), p, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
-                assert_eq!(run(prog, &syn, ifindex).0, XDP_TX);
-            },
-            learn_ack,
-        ));
-        // One known token (learned just above), joined from new 5-tuples.
-        let token = lb_common::mptcp::token_v1(0x7a9c_0000_0000_0000);
-        rows.push(measure(
-            "MP_JOIN SYN, known token",
-            prog,
-            ifindex,
-            XDP_TX,
-            |_| {},
-            |i| {
-                let (c, p) = client4(i + 600_000);
-                tcp4(c, vip4(6), p, 80, SYN, &mp_join_syn(token), &[])
-            },
-        ));
-        rows.push(measure(
-            "MP_JOIN SYN, unknown token (dropped)",
-            prog,
-            ifindex,
-            XDP_DROP,
-            |_| {},
-            |i| {
-                let (c, p) = client4(i + 800_000);
+        let known = token_v1(0x7a9c_3840_1a72_f870);
+        let now = monotonic_ns();
+        let entry = TokenEntry {
+            backend: 5,
+            service: 5,
+            learned_ns: now,
+            last_seen_ns: now,
+            version: 1,
+            _pad: 0,
+        };
+        dp.maps
+            .tokens
+            .insert(known, entry, 0)
+            .expect("seed a known token");
+
+        // A SYN as Linux sends it: MSS, SACK permitted, timestamps, NOP, window scale.
+        let mut linux_syn_opts = vec![
+            2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+        ];
+        let plain_opts = linux_syn_opts.clone();
+        linux_syn_opts.extend_from_slice(&MP_CAPABLE_SYN_V1);
+
+        let mut classes = vec![
+            class(
+                "non-VIP, passed to the host",
+                tcp4(CLIENT4, OTHER4, 40000, 22, ACK, &[], &[]),
+                XDP_PASS,
+                0,
+                Some(72),
+            ),
+            class(
+                "TCP SYN, new flow (table insert)",
+                tcp4(CLIENT4, vip4(1), 40000, 80, SYN, &[], &[]),
+                XDP_TX,
+                IPV4_SRC,
+                Some(277),
+            ),
+            class(
+                "TCP SYN with Linux's options, new flow",
+                tcp4(CLIENT4, vip4(1), 40000, 80, SYN, &plain_opts, &[]),
+                XDP_TX,
+                IPV4_SRC,
+                None,
+            ),
+            class("established ACK (table hit)", ack, XDP_TX, 0, Some(159)),
+            class(
+                "IPv6 SYN, new flow (IP6IP6)",
+                tcp6(CLIENT6, vip6(4), 40000, 80, SYN, &[], &[]),
+                XDP_REDIRECT,
+                IPV6_SRC_LAST,
+                Some(300),
+            ),
+            class(
+                "MP_CAPABLE SYN (Linux options), new flow",
+                tcp4(CLIENT4, vip4(6), 40000, 80, SYN, &linux_syn_opts, &[]),
+                XDP_TX,
+                IPV4_SRC,
+                None,
+            ),
+            class(
+                "ACK that learns a token (SHA-256 in BPF)",
                 tcp4(
-                    c,
+                    CLIENT4,
                     vip4(6),
-                    p,
+                    41000,
+                    80,
+                    ACK,
+                    &mp_capable_keys(1, 20, 0x1111, 0x7a9c_0000_0000_0000),
+                    &[],
+                ),
+                XDP_TX,
+                SERVER_KEY_LOW,
+                None,
+            ),
+            class(
+                "MP_JOIN SYN, known token, new subflow",
+                tcp4(OTHER4, vip4(6), 40000, 80, SYN, &mp_join_syn(known), &[]),
+                XDP_TX,
+                IPV4_SRC,
+                None,
+            ),
+            class(
+                "MP_JOIN SYN, unknown token (dropped)",
+                tcp4(
+                    OTHER4,
+                    vip4(6),
+                    40000,
                     80,
                     SYN,
-                    &mp_join_syn(0xdead_0000 | (i as u32 & 0xffff)),
+                    &mp_join_syn(0xdead_beef),
                     &[],
-                )
-            },
+                ),
+                XDP_DROP,
+                IPV4_SRC,
+                None,
+            ),
+        ];
+        classes[6].relearn = Some(learn_flow);
+
+        let reset_frame = padded(tcp4(CLIENT4, vip4(1), 40000, 80, SYN, &[], &[]));
+        let mut rows = vec![(
+            "bare XDP_PASS program (absolute floor)",
+            time(pass, &reset_frame, ifindex, XDP_PASS, "floor"),
+            Some(15),
+        )];
+        let set = |dp: &mut Dataplane, c: &Class| {
+            let frame = padded(c.frame.clone());
+            let mut bytes = [0u8; BENCH_FRAME];
+            bytes[..frame.len()].copy_from_slice(&frame);
+            let b = BenchFrame {
+                len: frame.len() as u32,
+                vary_off: c.vary_off,
+                relearn: u32::from(c.relearn.is_some()),
+                seq: 0,
+                flow: c.relearn.unwrap_or_default(),
+                bytes,
+            };
+            let mut m: Array<_, BenchFrame> =
+                Array::try_from(dp.ebpf.map_mut(MAP_BENCH).expect("bench map"))
+                    .expect("bench map type");
+            m.set(0, b, 0).expect("bench frame");
+            frame
+        };
+        let reset_class = class(
+            "restore only (floor of this method)",
+            reset_frame.clone(),
+            XDP_PASS,
+            IPV4_SRC,
+            None,
+        );
+        let frame = set(&mut dp, &reset_class);
+        let reset: &Xdp = dp
+            .ebpf
+            .program(loader::PROG_BENCH_RESET)
+            .expect("reset")
+            .try_into()
+            .expect("xdp");
+        rows.push((
+            reset_class.name,
+            time(reset, &frame, ifindex, XDP_PASS, reset_class.name),
+            None,
         ));
+        for c in &classes {
+            let frame = set(&mut dp, c);
+            let prog: &Xdp = dp
+                .ebpf
+                .program(loader::PROG_BENCH_BALANCER)
+                .expect("bench")
+                .try_into()
+                .expect("xdp");
+            rows.push((
+                c.name,
+                time(prog, &frame, ifindex, c.verdict, c.name),
+                c.katran,
+            ));
+        }
         rows
     });
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "mptcp-lb dataplane, kernel {}, BPF_PROG_TEST_RUN, repeat=1 per packet, {RUNS} packets per class",
+        "mptcp-lb dataplane: kernel {}, BPF_PROG_TEST_RUN through a resetting wrapper, {CALLS} calls x {REPEAT} iterations per class",
         kernel.trim()
     );
     println!(
-        "{:<44} {:>8} {:>8} {:>8} {:>10}",
-        "class", "median", "p90", "mean", "vs floor"
+        "{:<44} {:>9} {:>9} {:>12} {:>8}",
+        "class", "median", "min", "net of floor", "Katran"
     );
-    let floor = rows[0].median;
-    for r in &rows {
+    let method_floor = rows[1].1[rows[1].1.len() / 2];
+    for (i, (name, ns, katran)) in rows.iter().enumerate() {
+        let median = ns[ns.len() / 2];
+        let net = if i < 2 {
+            String::from("-")
+        } else {
+            format!("{:.0}ns", median - method_floor)
+        };
+        let k = katran.map_or(String::from("-"), |k| format!("{k}ns"));
         println!(
-            "{:<44} {:>6.0}ns {:>6.0}ns {:>6.0}ns {:>8.0}ns",
-            r.class,
-            r.median,
-            r.p90,
-            r.mean,
-            r.median - floor
+            "{name:<44} {median:>7.0}ns {:>7.0}ns {net:>12} {k:>8}",
+            ns[0]
         );
     }
     println!();
     println!(
-        "Katran, same machine and method (median): floor 15, non-VIP 72, SYN 277, ACK 159, IPv6 SYN 300 ns"
+        "median: per-iteration time, median of the calls; net of floor: median minus the restore-only floor."
+    );
+    println!(
+        "Katran: median ns measured on this machine by the resetting method (../shared/PLATFORM.md)."
     );
 }

@@ -1,0 +1,77 @@
+//! Benchmark harness (never attached): BPF_PROG_TEST_RUN with repeat > 1 does not reset
+//! the packet between iterations, so an encapsulating program would measure itself on
+//! its own output. These wrappers restore the original frame from `LB_BENCH` first.
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+};
+use lb_common::maps::{BENCH_FRAME, CONN_MPTCP};
+
+use crate::{
+    maps::{BENCH, CONNS},
+    parse::ptr_at,
+};
+
+/// Restores the frame (and applies the per-iteration variation); false if it could not.
+#[inline(always)]
+pub fn reset(ctx: &XdpContext) -> bool {
+    let Some(b) = BENCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a live map value, only this program writes it during the run.
+    let b = unsafe { &mut *b };
+    let len = (b.len as usize) & (BENCH_FRAME - 8);
+    let cur = ctx.data_end() - ctx.data();
+    if cur > len {
+        // Undo the previous iteration's encapsulation (it grew the head).
+        // SAFETY: the helper validates the new head.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (cur - len) as i32) } != 0 {
+            return false;
+        }
+    }
+    let mut i = 0usize;
+    while i < BENCH_FRAME / 8 {
+        let off = i * 8;
+        if off >= len {
+            break;
+        }
+        let Ok(p) = ptr_at::<u64>(ctx, off) else {
+            return false;
+        };
+        // SAFETY: ptr_at checked the destination; off + 8 <= BENCH_FRAME bounds the source.
+        unsafe {
+            let v = core::ptr::read_unaligned(b.bytes.as_ptr().add(off) as *const u64);
+            core::ptr::write_unaligned(p, v);
+        }
+        i += 1;
+    }
+    b.seq = b.seq.wrapping_add(1);
+    let off = (b.vary_off as usize) & (BENCH_FRAME - 1);
+    if off != 0 {
+        let Ok(p) = ptr_at::<u32>(ctx, off) else {
+            return false;
+        };
+        // SAFETY: ptr_at checked the bounds.
+        unsafe { core::ptr::write_unaligned(p, b.seq) };
+    }
+    if b.relearn != 0
+        && let Some(c) = CONNS.get_ptr_mut(b.flow)
+    {
+        // SAFETY: a live map value.
+        unsafe {
+            (*c).flags = CONN_MPTCP;
+            (*c).token = 0;
+        }
+    }
+    true
+}
+
+/// The reset alone: the floor of this method.
+#[inline(always)]
+pub fn reset_only(ctx: &XdpContext) -> u32 {
+    if reset(ctx) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_ABORTED
+    }
+}
