@@ -184,47 +184,57 @@ pub fn token_v1(key: u64) -> u32 {
     sha256_block(key)[0]
 }
 
+/// Message schedule word `t`, rolled in a 16-word window (`t` < 64).
+#[inline(always)]
+fn schedule(w: &mut [u32; 16], t: usize) -> u32 {
+    if t < 16 {
+        return w[t & 15];
+    }
+    let w15 = w[(t + 1) & 15];
+    let w2 = w[(t + 14) & 15];
+    let s0 = w15.rotate_right(7) ^ w15.rotate_right(18) ^ (w15 >> 3);
+    let s1 = w2.rotate_right(17) ^ w2.rotate_right(19) ^ (w2 >> 10);
+    let v = w[t & 15].wrapping_add(s0).wrapping_add(w[(t + 9) & 15]).wrapping_add(s1);
+    w[t & 15] = v;
+    v
+}
+
+/// One round with the state passed by name: eight calls with the names rotated are
+/// eight rounds without moving the state between registers.
+macro_rules! round256 {
+    ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident, $w:ident, $t:expr) => {
+        let t = $t;
+        let wt = schedule(&mut $w, t);
+        let t1 = $h
+            .wrapping_add($e.rotate_right(6) ^ $e.rotate_right(11) ^ $e.rotate_right(25))
+            .wrapping_add(($e & $f) ^ (!$e & $g))
+            .wrapping_add(K256[t & 63])
+            .wrapping_add(wt);
+        let t2 = ($a.rotate_right(2) ^ $a.rotate_right(13) ^ $a.rotate_right(22))
+            .wrapping_add(($a & $b) ^ ($a & $c) ^ ($b & $c));
+        $d = $d.wrapping_add(t1);
+        $h = t1.wrapping_add(t2);
+    };
+}
+
 /// The whole SHA-256 digest as eight big-endian words (the token and the IDSN are parts).
 #[inline(always)]
 pub fn sha256_block(key: u64) -> [u32; 8] {
     // A 16-word rolling schedule keeps the stack small.
     let mut w = block(key);
     let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = H256;
-    let mut t = 0usize;
-    while t < 64 {
-        let wt = if t < 16 {
-            w[t & 15]
-        } else {
-            let w15 = w[(t + 1) & 15];
-            let w2 = w[(t + 14) & 15];
-            let s0 = w15.rotate_right(7) ^ w15.rotate_right(18) ^ (w15 >> 3);
-            let s1 = w2.rotate_right(17) ^ w2.rotate_right(19) ^ (w2 >> 10);
-            let v = w[t & 15]
-                .wrapping_add(s0)
-                .wrapping_add(w[(t + 9) & 15])
-                .wrapping_add(s1);
-            w[t & 15] = v;
-            v
-        };
-        let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-        let ch = (e & f) ^ (!e & g);
-        let t1 = h
-            .wrapping_add(s1)
-            .wrapping_add(ch)
-            .wrapping_add(K256[t & 63])
-            .wrapping_add(wt);
-        let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-        let maj = (a & b) ^ (a & c) ^ (b & c);
-        let t2 = s0.wrapping_add(maj);
-        h = g;
-        g = f;
-        f = e;
-        e = d.wrapping_add(t1);
-        d = c;
-        c = b;
-        b = a;
-        a = t1.wrapping_add(t2);
-        t += 1;
+    let mut i = 0usize;
+    while i < 8 {
+        let t = i * 8;
+        round256!(a, b, c, d, e, f, g, h, w, t);
+        round256!(h, a, b, c, d, e, f, g, w, t + 1);
+        round256!(g, h, a, b, c, d, e, f, w, t + 2);
+        round256!(f, g, h, a, b, c, d, e, w, t + 3);
+        round256!(e, f, g, h, a, b, c, d, w, t + 4);
+        round256!(d, e, f, g, h, a, b, c, w, t + 5);
+        round256!(c, d, e, f, g, h, a, b, w, t + 6);
+        round256!(b, c, d, e, f, g, h, a, w, t + 7);
+        i += 1;
     }
     [
         H256[0].wrapping_add(a),
