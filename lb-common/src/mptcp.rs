@@ -194,7 +194,10 @@ fn schedule(w: &mut [u32; 16], t: usize) -> u32 {
     let w2 = w[(t + 14) & 15];
     let s0 = w15.rotate_right(7) ^ w15.rotate_right(18) ^ (w15 >> 3);
     let s1 = w2.rotate_right(17) ^ w2.rotate_right(19) ^ (w2 >> 10);
-    let v = w[t & 15].wrapping_add(s0).wrapping_add(w[(t + 9) & 15]).wrapping_add(s1);
+    let v = w[t & 15]
+        .wrapping_add(s0)
+        .wrapping_add(w[(t + 9) & 15])
+        .wrapping_add(s1);
     w[t & 15] = v;
     v
 }
