@@ -62,6 +62,44 @@ fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test ...`, echoing its output, and adds its `test result:` lines to
+/// `totals` (passed, failed).
+fn run_tests(step: &str, cmd: &mut Command, totals: &mut (u64, u64)) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    println!("xtask: {step}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            totals.0 += num("passed");
+            totals.1 += num("failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    Ok(())
+}
+
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
@@ -83,7 +121,8 @@ fn test() -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
-    run(
+    let mut totals = (0, 0);
+    run_tests(
         "host unit tests",
         cargo().args([
             "test",
@@ -93,6 +132,7 @@ fn test() -> anyhow::Result<()> {
             "--exclude",
             "mptcp-lb-tests",
         ]),
+        &mut totals,
     )?;
     if !setup::is_root() {
         if in_ci() {
@@ -100,7 +140,7 @@ fn test() -> anyhow::Result<()> {
         }
         println!("xtask: not root: the privileged tests will report themselves as skipped");
     }
-    run(
+    run_tests(
         "privileged tests (kernel loads, packet fixtures, network namespaces)",
         cargo().args([
             "test",
@@ -110,7 +150,13 @@ fn test() -> anyhow::Result<()> {
             "--test-threads=1",
             "--show-output",
         ]),
-    )
+        &mut totals,
+    )?;
+    println!("all tests: {} passed, {} failed", totals.0, totals.1);
+    if totals.0 == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
