@@ -479,6 +479,45 @@ pub fn run_clients(
         .collect()
 }
 
+/// Opens `n` connections and holds each one established after half its upload; runs
+/// `during` (change the balancer under them), then lets them finish. Returns the errors.
+pub fn across(
+    client: &Netns,
+    n: usize,
+    mptcp: bool,
+    vip_of: fn(usize) -> IpAddr,
+    during: impl FnOnce(),
+) -> Vec<String> {
+    let established = Arc::new(std::sync::Barrier::new(n + 1));
+    let resumed = Arc::new(std::sync::Barrier::new(n + 1));
+    let handles: Vec<_> = (0..n)
+        .map(|k| {
+            let (est, res) = (established.clone(), resumed.clone());
+            client.enter(move || {
+                let mut waited = false;
+                let r = exchange(vip_of(k), mptcp, || {
+                    est.wait();
+                    res.wait();
+                    waited = true;
+                });
+                if !waited {
+                    // Failed before the pause: still release the others.
+                    est.wait();
+                    res.wait();
+                }
+                r
+            })
+        })
+        .collect();
+    established.wait();
+    during();
+    resumed.wait();
+    handles
+        .into_iter()
+        .filter_map(|h| h.join().expect("client thread").err())
+        .collect()
+}
+
 /// Alternating IPv4 and IPv6 VIPs.
 pub fn alternate(k: usize) -> IpAddr {
     if k.is_multiple_of(2) {

@@ -109,6 +109,19 @@ pub fn key6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> FlowKey {
     }
 }
 
+/// The Maglev service's backends (ids 5, 6, 7).
+pub fn maglev_members() -> Vec<maglev::Member> {
+    MAGLEV_BES
+        .iter()
+        .enumerate()
+        .map(|(i, a)| maglev::Member {
+            id: 5 + i as u32,
+            key: v4(*a).to_string(),
+            weight: 1,
+        })
+        .collect()
+}
+
 pub fn configure(dp: &mut Dataplane) -> Vec<u32> {
     dp.set_config(Config {
         seed: SEED,
@@ -140,15 +153,7 @@ pub fn configure(dp: &mut Dataplane) -> Vec<u32> {
     }
     dp.add_vip(v4(vip4(1)), 53, 17, 0).expect("udp vip");
     // Service 5: three backends under Maglev.
-    let members: Vec<maglev::Member> = MAGLEV_BES
-        .iter()
-        .enumerate()
-        .map(|(i, a)| maglev::Member {
-            id: 5 + i as u32,
-            key: v4(*a).to_string(),
-            weight: 1,
-        })
-        .collect();
+    let members = maglev_members();
     for m in &members {
         dp.set_backend(m.id, m.key.parse().expect("addr"), BACKEND_ACTIVE)
             .expect("backend");

@@ -5,7 +5,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
-    sync::{Arc, Barrier, atomic::Ordering},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -14,8 +14,7 @@ use lb_userspace::dataplane::Sizes;
 use mptcp_lb_tests::{
     privileged,
     testbed::{
-        DOWNLOAD, PORT, Server, Testbed, VIP4, alternate, backend_addr4, exchange, run_clients,
-        serve,
+        DOWNLOAD, PORT, Server, Testbed, VIP4, across, alternate, backend_addr4, run_clients, serve,
     },
 };
 
@@ -91,37 +90,12 @@ fn l4_balancing_with_direct_server_return() {
     );
 
     // Phase 2: add a fourth backend while 30 connections are established: none breaks.
-    let established = Arc::new(Barrier::new(31));
-    let resumed = Arc::new(Barrier::new(31));
-    let handles: Vec<_> = (0..30usize)
-        .map(|k| {
-            let (est, res) = (established.clone(), resumed.clone());
-            tb.client.enter(move || {
-                let mut waited = false;
-                let r = exchange(alternate(k), false, || {
-                    est.wait();
-                    res.wait();
-                    waited = true;
-                });
-                if !waited {
-                    // Failed before the barrier: release the others.
-                    est.wait();
-                    res.wait();
-                }
-                r
-            })
-        })
-        .collect();
-    established.wait();
-    let rewritten = dp
-        .set_ring(0, &Testbed::members(&[1, 2, 3, 4]))
-        .expect("ring with backend 4");
-    println!("adding backend 4 rewrote {rewritten} of 65537 Maglev slots");
-    resumed.wait();
-    let errors: Vec<String> = handles
-        .into_iter()
-        .filter_map(|h| h.join().expect("client").err())
-        .collect();
+    let errors = across(&tb.client, 30, false, alternate, || {
+        let rewritten = dp
+            .set_ring(0, &Testbed::members(&[1, 2, 3, 4]))
+            .expect("ring with backend 4");
+        println!("adding backend 4 rewrote {rewritten} of 65537 Maglev slots");
+    });
     assert!(
         errors.is_empty(),
         "established connections broke when backend 4 was added: {errors:?}"

@@ -11,7 +11,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
-    sync::{Arc, Barrier, atomic::Ordering},
+    sync::atomic::Ordering,
 };
 
 use lb_common::{
@@ -23,8 +23,8 @@ use mptcp_lb_tests::{
     netns::Netns,
     privileged,
     testbed::{
-        ConnRecord, LB4, LB6, Server, Testbed, VIP6, alternate, backend_addr4, exchange,
-        run_clients, serve,
+        ConnRecord, LB4, LB6, Server, Testbed, VIP6, across, alternate, backend_addr4, run_clients,
+        serve,
     },
 };
 
@@ -188,38 +188,14 @@ fn every_subflow_reaches_its_connections_backend() {
 fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server], wifi_endpoint: &[&str]) {
     tb.client.run(&["ip", "mptcp", "endpoint", "flush"]);
     let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
-    let established = Arc::new(Barrier::new(31));
-    let resumed = Arc::new(Barrier::new(31));
-    let handles: Vec<_> = (0..30)
-        .map(|_| {
-            let (est, res) = (established.clone(), resumed.clone());
-            tb.client.enter(move || {
-                let mut waited = false;
-                let r = exchange(IpAddr::V6(VIP6), true, || {
-                    est.wait();
-                    res.wait();
-                    waited = true;
-                });
-                if !waited {
-                    est.wait();
-                    res.wait();
-                }
-                r
-            })
-        })
-        .collect();
-    established.wait();
-    dp.set_ring(0, &Testbed::members(&[2, 3]))
-        .expect("ring without backend 1");
-    dp.set_backend(1, IpAddr::V4(backend_addr4(1)), BACKEND_DRAINING)
-        .expect("drain");
-    // Only now may the established connections open their second subflows.
-    tb.client.run(wifi_endpoint);
-    resumed.wait();
-    let errors: Vec<String> = handles
-        .into_iter()
-        .filter_map(|h| h.join().expect("client").err())
-        .collect();
+    let errors = across(&tb.client, 30, true, v6, || {
+        dp.set_ring(0, &Testbed::members(&[2, 3]))
+            .expect("ring without backend 1");
+        dp.set_backend(1, IpAddr::V4(backend_addr4(1)), BACKEND_DRAINING)
+            .expect("drain");
+        // Only now may the established connections open their second subflows.
+        tb.client.run(wifi_endpoint);
+    });
     assert!(
         errors.is_empty(),
         "connections failed across the drain: {errors:?}"

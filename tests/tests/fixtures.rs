@@ -400,14 +400,8 @@ fn removed_backend_connections_are_replaced() {
             .expect("conn")
             .backend;
         // Take the flow's backend out of service: the next packet re-picks among the rest.
-        let rest: Vec<maglev::Member> = MAGLEV_BES
-            .iter()
-            .enumerate()
-            .map(|(i, a)| maglev::Member {
-                id: 5 + i as u32,
-                key: v4(*a).to_string(),
-                weight: 1,
-            })
+        let rest: Vec<maglev::Member> = maglev_members()
+            .into_iter()
             .filter(|m| m.id != first)
             .collect();
         dp.set_ring(5, &rest).expect("ring");
