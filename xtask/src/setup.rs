@@ -5,7 +5,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages: LLVM 22 for bpf-linker, and the network tools the tests drive.
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the namespace tests drive
+/// (ip, nstat: iproute2; ethtool; sysctl: procps; nsenter: util-linux).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -13,6 +14,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "ethtool",
+    "procps",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
