@@ -6,14 +6,18 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     counters::{COUNTER_COUNT, Counter},
     maps::*,
 };
 
-use crate::{loader, maglev};
+use crate::{loader, maglev, pins};
 
 /// Load-time sizes (they fix map sizes, so changing them means reloading).
 #[derive(Clone, Copy, Debug)]
@@ -102,21 +106,47 @@ pub struct Dataplane {
     pub ebpf: Ebpf,
     pub maps: Maps,
     pub sizes: Sizes,
+    /// Where maps and link are pinned, if they are.
+    pub pin_root: Option<std::path::PathBuf>,
     /// What the rings hold now, per service: only changed slots are rewritten.
     rings: std::collections::HashMap<u32, Vec<u32>>,
 }
 
 impl Dataplane {
-    /// Loads the object with the given sizes and verifies the balancer program.
+    /// Loads the object with the given sizes and verifies the balancer program; its
+    /// maps are private to this process.
     pub fn load(sizes: Sizes) -> anyhow::Result<Self> {
+        Self::load_inner(sizes, None)
+    }
+
+    /// Loads with every map pinned under `<root>/v<layout>`: pins of this layout that
+    /// match are adopted (tables survive a restart), others are refused before anything
+    /// is loaded. Returns whether existing pins were adopted.
+    pub fn load_pinned(sizes: Sizes, root: &std::path::Path) -> anyhow::Result<(Self, bool)> {
+        let adopted = pins::check(root, &sizes)?;
+        let dir = pins::layout_dir(root);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating {} (is bpffs mounted?)", dir.display()))?;
+        Ok((Self::load_inner(sizes, Some(root))?, adopted))
+    }
+
+    fn load_inner(sizes: Sizes, root: Option<&std::path::Path>) -> anyhow::Result<Self> {
         if !maglev::is_prime(sizes.ring_size) {
             bail!("Maglev ring size {} is not prime", sizes.ring_size);
         }
         loader::raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_MAGLEV, MAX_SERVICES * sizes.ring_size)
             .map_max_entries(MAP_CONNS, sizes.conn_entries)
-            .map_max_entries(MAP_TOKENS, sizes.token_entries)
+            .map_max_entries(MAP_TOKENS, sizes.token_entries);
+        if let Some(root) = root {
+            let dir = pins::layout_dir(root);
+            for spec in pins::specs(&sizes) {
+                loader.map_pin_path(spec.name, dir.join(spec.name));
+            }
+        }
+        let mut ebpf = loader
             .load(loader::EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let prog: &mut Xdp = ebpf
@@ -130,6 +160,7 @@ impl Dataplane {
             ebpf,
             maps,
             sizes,
+            pin_root: root.map(Into::into),
             rings: Default::default(),
         })
     }
@@ -149,6 +180,39 @@ impl Dataplane {
         mode: Option<XdpMode>,
     ) -> anyhow::Result<(XdpMode, XdpLinkId)> {
         attach_xdp(self.program(), iface, mode)
+    }
+
+    /// Attaches through the pinned link when there is one (the running program is
+    /// replaced atomically: forwarding never stops), otherwise attaches to `iface` and
+    /// pins the new link. Needs `load_pinned`. Returns the mode, or None when replaced.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: Option<XdpMode>,
+    ) -> anyhow::Result<Option<XdpMode>> {
+        let root = self
+            .pin_root
+            .clone()
+            .context("attach_pinned needs a dataplane loaded with load_pinned")?;
+        let link_path = pins::link_path(&root);
+        let prog = self.program();
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)
+                .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link")?;
+            prog.attach_to_link(link)
+                .context("replacing the program through the pinned link")?;
+            return Ok(None);
+        }
+        let (mode, id) = attach_xdp(prog, iface, mode)?;
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .context("the kernel attached XDP without a BPF link (too old for pinning)")?;
+        link.pin(&link_path)
+            .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+        Ok(Some(mode))
     }
 
     pub fn set_config(&mut self, mut cfg: Config) -> anyhow::Result<()> {
@@ -214,12 +278,17 @@ impl Dataplane {
         }
         let ring = self.sizes.ring_size;
         let new = maglev::build(members, ring);
-        let old = self
-            .rings
-            .remove(&service)
-            .unwrap_or_else(|| vec![0; ring as usize]);
-        let changes = maglev::delta(&old, &new);
         let base = service * ring;
+        // Unknown shadow (first write, or maps adopted from a previous process): start
+        // from what the map holds, so only slots that really change are written.
+        let old = match self.rings.remove(&service) {
+            Some(r) => r,
+            None => (0..ring)
+                .map(|slot| self.maps.maglev.get(&(base + slot), 0))
+                .collect::<Result<Vec<u32>, _>>()
+                .context("reading LB_MAGLEV")?,
+        };
+        let changes = maglev::delta(&old, &new);
         for &(slot, id) in &changes {
             self.maps
                 .maglev

@@ -6,3 +6,4 @@ pub mod dataplane;
 pub mod decap;
 pub mod loader;
 pub mod maglev;
+pub mod pins;

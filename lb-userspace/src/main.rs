@@ -20,6 +20,13 @@ struct Cli {
 enum Command {
     /// Load the dataplane programs into the kernel (verifier check) without attaching.
     Check,
+    /// Remove the balancer: unpin its link and maps (the program detaches, forwarding
+    /// stops, connection and token tables are gone).
+    Detach {
+        /// The pin path of the configuration (`balancer.pin_path`).
+        #[arg(long, default_value = "/sys/fs/bpf/mptcp-lb")]
+        pin_path: std::path::PathBuf,
+    },
     /// Backend side: strip IPIP/IP6IP6 tunnels addressed to this host (for hosts
     /// without the ipip/ip6tnl drivers).
     Decap {
@@ -62,11 +69,21 @@ impl Mode {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and what was being done, without a backtrace.
+            eprintln!("mptcp-lb: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check => {
             let mut ebpf = loader::open()?;
@@ -79,6 +96,17 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("the verifier refused {name}"))?;
                 println!("{name}: loaded, verifier accepted it");
             }
+        }
+        Command::Detach { pin_path } => {
+            let removed = lb_userspace::pins::remove(&pin_path)
+                .with_context(|| format!("removing pins under {}", pin_path.display()))?;
+            if !removed {
+                anyhow::bail!(
+                    "nothing pinned under {} (which pin path does the configuration use?)",
+                    lb_userspace::pins::layout_dir(&pin_path).display()
+                );
+            }
+            println!("detached: pins under {} removed", pin_path.display());
         }
         Command::Decap {
             action: DecapAction::Attach { iface, mode },
