@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -32,6 +32,12 @@ pub const MAP_TOKENS: &str = "LB_TOKENS";
 pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
 /// Benchmark only: the frame the resetting wrapper restores before every iteration.
 pub const MAP_BENCH: &str = "LB_BENCH";
+/// Controller metadata, never read by the dataplane: service id → [`ServiceMeta`]
+/// (its name), so the CLI can name services while the daemon is down.
+pub const MAP_SERVICE_META: &str = "LB_SVC_META";
+/// Controller metadata: backend id → [`BackendMeta`] (service, weight, why it is out of
+/// the Maglev table). Administrative drains survive a daemon restart through it.
+pub const MAP_BACKEND_META: &str = "LB_BE_META";
 
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
@@ -213,6 +219,46 @@ pub struct NextHop {
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
+/// Longest service name the metadata map holds.
+pub const SERVICE_NAME_LEN: usize = 32;
+
+/// What the controller records of a service (id = index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceMeta {
+    /// UTF-8, NUL-padded.
+    pub name: [u8; SERVICE_NAME_LEN],
+    /// 1 while the service is configured.
+    pub in_use: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceMeta>() == 40);
+
+/// `BackendMeta::state`: drained by the configuration (`drain = true`).
+pub const BMETA_DRAIN_CONFIG: u32 = 1;
+/// Drained by `mptcp-lb backend drain`.
+pub const BMETA_DRAIN_ADMIN: u32 = 2;
+/// Disabled by `mptcp-lb backend disable`: out of the Maglev table, tokens dropped.
+pub const BMETA_DISABLED: u32 = 4;
+/// Failing its health check.
+pub const BMETA_DOWN: u32 = 8;
+/// A health check runs for it.
+pub const BMETA_CHECKED: u32 = 16;
+
+/// What the controller records of a backend (id = index, as in [`MAP_BACKENDS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendMeta {
+    pub service: u32,
+    pub weight: u32,
+    /// `BMETA_*` bits.
+    pub state: u32,
+    pub _pad: u32,
+    /// Wall-clock time (Unix ns) of the last change of `state`.
+    pub changed_unix_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendMeta>() == 24);
+
 /// Largest frame the benchmark wrapper restores.
 pub const BENCH_FRAME: usize = 256;
 
@@ -259,4 +305,8 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendMeta {}
 }

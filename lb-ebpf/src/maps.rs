@@ -51,6 +51,15 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BA
 #[map(name = "LB_BENCH")]
 pub static BENCH: Array<BenchFrame> = Array::with_max_entries(1, 0);
 
+/// Controller metadata (service names); the programs never read it. Declared here so
+/// it is created and pinned with the others.
+#[map(name = "LB_SVC_META")]
+pub static SERVICE_META: Array<ServiceMeta> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Controller metadata (backend service, weight, state); never read by the programs.
+#[map(name = "LB_BE_META")]
+pub static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// Global counters.
 #[map(name = "LB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

@@ -166,7 +166,25 @@ pub struct BalancerConfig {
     pub token_idle_secs: u64,
     /// Prometheus metrics listen address.
     pub metrics_listen: Option<SocketAddr>,
+    /// The daemon's control socket (Unix, root only), used by `mptcp-lb reload`,
+    /// `status` and `backend ...`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// MPTCP awareness (token learning, joins steered by token). Off, joins are placed
+    /// by their 5-tuple like any SYN, as a classic L4 balancer does: for comparison.
+    #[serde(default = "default_true")]
+    pub mptcp_aware: bool,
 }
+
+fn default_true() -> bool {
+    true
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+
+/// Where the daemon listens for the CLI unless the configuration says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/mptcp-lb/control.sock";
 
 fn default_pin_path() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/mptcp-lb")

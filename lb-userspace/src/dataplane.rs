@@ -49,6 +49,8 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, Traffic>,
     pub backend_stats: PerCpuArray<MapData, Traffic>,
+    pub service_meta: Array<MapData, ServiceMeta>,
+    pub backend_meta: Array<MapData, BackendMeta>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -73,6 +75,8 @@ impl Maps {
             stats: take(ebpf, MAP_STATS)?,
             service_stats: take(ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(ebpf, MAP_BACKEND_STATS)?,
+            service_meta: take(ebpf, MAP_SERVICE_META)?,
+            backend_meta: take(ebpf, MAP_BACKEND_META)?,
         })
     }
 }
@@ -320,6 +324,29 @@ impl Dataplane {
             .get(&(c as u32), 0)
             .context("reading LB_STATS")?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// Packets and bytes a service was sent, summed over CPUs.
+    pub fn service_traffic(&self, id: u32) -> anyhow::Result<Traffic> {
+        let per_cpu = self
+            .maps
+            .service_stats
+            .get(&id, 0)
+            .context("reading LB_SVC_STATS")?;
+        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+            packets: a.packets + t.packets,
+            bytes: a.bytes + t.bytes,
+        }))
+    }
+
+    /// Entries in the connection table (a walk over its keys).
+    pub fn conn_entries(&self) -> usize {
+        self.maps.conns.keys().filter(Result::is_ok).count()
+    }
+
+    /// Learned tokens (a walk over the token table's keys).
+    pub fn token_entries(&self) -> usize {
+        self.maps.tokens.keys().filter(Result::is_ok).count()
     }
 
     /// Packets and bytes a backend was sent, summed over CPUs.

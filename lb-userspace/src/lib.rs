@@ -1,9 +1,14 @@
-//! The host side of mptcp-lb: loading the dataplane, and (in later modules) the
-//! controller daemon and the CLI. `tests/` links this library to exercise the same code.
+//! The host side of mptcp-lb: loading the dataplane, the controller daemon and the CLI. `tests/` links this library to exercise the same code.
 
 pub mod config;
+pub mod control;
+pub mod controller;
+pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
+pub mod inspect;
 pub mod loader;
 pub mod maglev;
+pub mod metrics;
 pub mod pins;

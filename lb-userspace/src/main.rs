@@ -2,7 +2,12 @@
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::{decap, loader};
+use lb_userspace::{
+    config::DEFAULT_CONTROL_SOCKET,
+    control::{self, Request, Status},
+    controller::AdminOp,
+    decap, inspect, loader,
+};
 
 /// An XDP layer-4 load balancer that keeps every subflow of a Multipath TCP connection
 /// on the same backend.
@@ -18,6 +23,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller daemon: load (or adopt) the dataplane, apply the configuration,
+    /// check backends, serve metrics and the control socket. SIGHUP reloads; SIGTERM
+    /// exits and leaves the dataplane forwarding (`mptcp-lb detach` removes it).
+    Run {
+        #[arg(long)]
+        config: std::path::PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
+    /// Ask the running daemon to re-read its configuration file (as SIGHUP does) and say
+    /// what changed, or why it refused.
+    Reload {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Attached interface and mode, program id, uptime, configuration and last reload,
+    /// backends per state (from the running daemon).
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operate a backend through the running daemon.
+    Backend {
+        #[arg(value_enum)]
+        action: BackendAction,
+        /// Service name.
+        service: String,
+        /// Backend address.
+        address: std::net::IpAddr,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Look into the pinned maps (works while the daemon is down).
+    Inspect {
+        #[command(subcommand)]
+        what: InspectWhat,
+        /// The pin path of the configuration (`balancer.pin_path`).
+        #[arg(long, global = true, default_value = "/sys/fs/bpf/mptcp-lb")]
+        pin_path: std::path::PathBuf,
+        /// JSON for scripts (field names documented in the README).
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Load the dataplane programs into the kernel (verifier check) without attaching.
     Check,
     /// Remove the balancer: unpin its link and maps (the program detaches, forwarding
@@ -32,6 +83,77 @@ enum Command {
     Decap {
         #[command(subcommand)]
         action: DecapAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct SocketArg {
+    /// The daemon's control socket (`balancer.control_socket`).
+    #[arg(long = "socket", default_value = DEFAULT_CONTROL_SOCKET)]
+    path: std::path::PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendAction {
+    /// No new connections; established ones and their MPTCP joins still reach it.
+    Drain,
+    Undrain,
+    /// Out of service as if its health check failed (its tokens are dropped).
+    Disable,
+    Enable,
+}
+
+#[derive(clap::Args)]
+struct Filters {
+    /// Only this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only this backend address.
+    #[arg(long)]
+    backend: Option<std::net::IpAddr>,
+    /// Only this MPTCP token (hex, as `ss -M` prints it).
+    #[arg(long)]
+    token: Option<String>,
+    /// At most N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum InspectWhat {
+    /// Services: VIPs, backends by state, traffic.
+    Services,
+    /// Backends: service, weight, state and since when, Maglev slots, traffic.
+    Backends {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+    },
+    /// A service's Maglev table: each backend's share of slots.
+    Maglev { service: String },
+    /// The connection table: client, VIP, backend, MPTCP token.
+    Conns {
+        #[command(flatten)]
+        filters: Filters,
+    },
+    /// Learned MPTCP tokens: backend, when learned, when last seen.
+    Tokens {
+        #[command(flatten)]
+        filters: Filters,
+    },
+    /// One token: its backend, service, times, and the subflows carrying it.
+    Token { token: String },
+    /// Dataplane counters; with --watch, rates every second.
+    Stats {
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -70,10 +192,21 @@ impl Mode {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter);
+    match cli.command {
+        Command::Run {
+            log_format: LogFormat::Json,
+            ..
+        } => builder.json().init(),
+        _ => builder.init(),
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and what was being done, without a backtrace.
@@ -83,8 +216,57 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { config, .. } => lb_userspace::daemon::run(&config)?,
+        Command::Reload { socket } => {
+            let summary = control::request(&socket.path, &Request::Reload)?;
+            println!("reloaded: {}", summary.as_str().unwrap_or_default());
+        }
+        Command::Status { socket, json } => {
+            let v = control::request(&socket.path, &Request::Status)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                let s: Status = serde_json::from_value(v)?;
+                print!("{}", status_text(&s));
+            }
+        }
+        Command::Backend {
+            action,
+            service,
+            address,
+            socket,
+        } => {
+            let action = match action {
+                BackendAction::Drain => AdminOp::Drain,
+                BackendAction::Undrain => AdminOp::Undrain,
+                BackendAction::Disable => AdminOp::Disable,
+                BackendAction::Enable => AdminOp::Enable,
+            };
+            let state = control::request(
+                &socket.path,
+                &Request::Backend {
+                    action,
+                    service: service.clone(),
+                    address,
+                },
+            )?;
+            println!(
+                "{service} {address}: {}",
+                state.as_str().unwrap_or_default()
+            );
+        }
+        Command::Inspect {
+            what,
+            pin_path,
+            json,
+        } => inspect_cmd(what, &pin_path, json)?,
         Command::Check => {
             let mut ebpf = loader::open()?;
             for name in [loader::PROG_BALANCER, loader::PROG_DECAP, loader::PROG_PASS] {
@@ -119,6 +301,154 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             decap::detach(&cli.bpffs, &iface)?;
             println!("decapsulation detached from {iface}");
+        }
+    }
+    Ok(())
+}
+
+fn status_text(s: &Status) -> String {
+    use lb_userspace::inspect::{human_age, table};
+    let mut out = format!(
+        "daemon      pid {}, up {}\ninterface   {} (XDP {}), program id {}\npins        {}\nconfig      {}, last applied {} ago ({} reloads, {} refused)\nmptcp       {}\n",
+        s.pid,
+        human_age(s.uptime_secs),
+        s.interface,
+        s.xdp_mode,
+        s.program_id,
+        s.pin_path,
+        s.config_file,
+        human_age(
+            (lb_userspace::controller::unix_ns() / 1_000_000_000)
+                .saturating_sub(s.last_reload_unix)
+        ),
+        s.reloads,
+        s.reload_failures,
+        if s.mptcp_aware {
+            "aware (joins follow their token)"
+        } else {
+            "awareness OFF"
+        },
+    );
+    if let Some(e) = &s.last_reload_error {
+        out.push_str(&format!("last reload refused: {e}\n"));
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = s
+        .services
+        .iter()
+        .map(|svc| {
+            let count = |st: &str| svc.backends.iter().filter(|b| b.state == st).count();
+            vec![
+                svc.name.clone(),
+                svc.vips.join(", "),
+                count("active").to_string(),
+                count("draining").to_string(),
+                count("down").to_string(),
+                count("disabled").to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["SERVICE", "VIPS", "ACTIVE", "DRAINING", "DOWN", "DISABLED"],
+        &rows,
+    ));
+    out
+}
+
+fn inspect_cmd(what: InspectWhat, pin_path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let p = inspect::Pinned::open(pin_path)?;
+    let filter = |f: Filters| -> anyhow::Result<inspect::Filter> {
+        Ok(inspect::Filter {
+            service: f.service,
+            backend: f.backend,
+            token: f.token.as_deref().map(inspect::parse_token).transpose()?,
+            limit: f.limit,
+        })
+    };
+    match what {
+        InspectWhat::Services => {
+            let rows = inspect::services(&p)?;
+            if json {
+                print_json(&rows)?
+            } else {
+                print!("{}", inspect::services_text(&rows))
+            }
+        }
+        InspectWhat::Backends { service, backend } => {
+            let rows = inspect::backends(&p, service.as_deref(), backend)?;
+            if json {
+                print_json(&rows)?
+            } else {
+                print!("{}", inspect::backends_text(&rows))
+            }
+        }
+        InspectWhat::Maglev { service } => {
+            let (ring, rows) = inspect::maglev(&p, &service)?;
+            if json {
+                print_json(&serde_json::json!({ "ring_size": ring, "backends": rows }))?
+            } else {
+                print!("{}", inspect::maglev_text(ring, &rows))
+            }
+        }
+        InspectWhat::Conns { filters } => {
+            let rows = inspect::conns(&p, &filter(filters)?)?;
+            if json {
+                print_json(&rows)?
+            } else {
+                print!("{}", inspect::conns_text(&rows))
+            }
+        }
+        InspectWhat::Tokens { filters } => {
+            let rows = inspect::tokens(&p, &filter(filters)?)?;
+            if json {
+                print_json(&rows)?
+            } else {
+                print!("{}", inspect::tokens_text(&rows))
+            }
+        }
+        InspectWhat::Token { token } => {
+            let d = inspect::token(&p, inspect::parse_token(&token)?)?;
+            if json {
+                print_json(&d)?
+            } else {
+                print!("{}", inspect::token_text(&d))
+            }
+        }
+        InspectWhat::Stats { watch } => {
+            let mut last = inspect::stats(&p)?;
+            if !watch {
+                if json {
+                    let m: std::collections::BTreeMap<_, _> = last.into_iter().collect();
+                    print_json(&m)?
+                } else {
+                    print!("{}", inspect::stats_text(&last, None))
+                }
+                return Ok(());
+            }
+            let mut at = std::time::Instant::now();
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let now = inspect::stats(&p)?;
+                let dt = at.elapsed().as_secs_f64();
+                at = std::time::Instant::now();
+                let rates: Vec<f64> = now
+                    .iter()
+                    .zip(&last)
+                    .map(|((_, n), (_, l))| n.saturating_sub(*l) as f64 / dt)
+                    .collect();
+                if json {
+                    let m: std::collections::BTreeMap<_, _> = now
+                        .iter()
+                        .zip(&rates)
+                        .map(|((k, v), r)| (*k, serde_json::json!({"total": v, "per_sec": r})))
+                        .collect();
+                    println!("{}", serde_json::to_string(&m)?);
+                } else {
+                    // Clear the screen and redraw.
+                    print!("\x1b[2J\x1b[H{}", inspect::stats_text(&now, Some(&rates)));
+                }
+                last = now;
+            }
         }
     }
     Ok(())

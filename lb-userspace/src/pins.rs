@@ -107,6 +107,20 @@ pub fn specs(sizes: &Sizes) -> Vec<MapSpec> {
         ),
         spec(MAP_STATS, MapType::PerCpuArray, 4, 8, COUNTER_COUNT),
         spec(
+            MAP_SERVICE_META,
+            MapType::Array,
+            4,
+            size::<ServiceMeta>(),
+            MAX_SERVICES,
+        ),
+        spec(
+            MAP_BACKEND_META,
+            MapType::Array,
+            4,
+            size::<BackendMeta>(),
+            MAX_BACKENDS,
+        ),
+        spec(
             MAP_SERVICE_STATS,
             MapType::PerCpuArray,
             4,

@@ -1,6 +1,7 @@
 //! Shared machinery for mptcp-lb's privileged tests: the root/CI gate, a Katran-style
 //! packet-fixture runner over BPF_PROG_TEST_RUN, and packet builders.
 
+pub mod daemon;
 pub mod fixture;
 pub mod netns;
 pub mod packets;

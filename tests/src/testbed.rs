@@ -27,6 +27,8 @@ use crate::netns::{Netns, veth};
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
 pub const PORT: u16 = 80;
+/// Where the servers answer health checks.
+pub const HEALTH_PORT: u16 = 81;
 pub const UPLOAD: usize = 20_000;
 pub const DOWNLOAD: usize = 100_000;
 pub const LB4: &str = "10.0.2.2";
@@ -218,6 +220,46 @@ impl Testbed {
         dp
     }
 
+    /// A daemon configuration for this testbed: the `[balancer]` section (pin path and
+    /// control socket those of [`crate::daemon::Daemon::paths`]`(tag)`), then `services`.
+    pub fn daemon_config(tag: &str, services: &str) -> String {
+        let (_, socket, pins) = crate::daemon::Daemon::paths(tag);
+        format!(
+            r#"[balancer]
+interface = "lb0"
+xdp_mode = "generic"
+pin_path = "{}"
+control_socket = "{}"
+hash_seed = 0x0badcafe
+conn_table_size = 65536
+token_table_size = 65536
+source_v4 = "{LB4}"
+source_v6 = "{LB6}"
+
+{services}"#,
+            pins.display(),
+            socket.display()
+        )
+    }
+
+    /// A `[[service]]` with both VIPs on PORT and backends `ids`, each checked by
+    /// `health` (TOML inline table, or empty for none).
+    pub fn service_toml(name: &str, ids: &[usize], health: &str) -> String {
+        let mut s = format!(
+            "[[service]]\nname = \"{name}\"\nvips = [\"{VIP4}:{PORT}/tcp\", \"[{VIP6}]:{PORT}/tcp\"]\n"
+        );
+        if !health.is_empty() {
+            s.push_str(&format!("health = {health}\n"));
+        }
+        for i in ids {
+            s.push_str(&format!(
+                "[[service.backend]]\naddress = \"{}\"\n",
+                backend_addr4(*i)
+            ));
+        }
+        s
+    }
+
     pub fn members(ids: &[usize]) -> Vec<maglev::Member> {
         ids.iter()
             .map(|&i| maglev::Member {
@@ -333,7 +375,28 @@ pub fn mptcp_shape(sock: &impl std::os::fd::AsRawFd) -> ConnRecord {
     }
 }
 
-/// Starts the server in `ns` and returns once it listens.
+/// A listening socket on every address: MPTCP, dual-stack (IPv4 clients arrive
+/// v4-mapped; plain TCP clients fall back). Where MPTCP is disabled
+/// (`net.mptcp.enabled=0`) a plain TCP socket, as `mptcpize` would leave a server.
+fn listen(port: u16) -> std::net::TcpListener {
+    let listener = mptcp_socket(Domain::IPV6)
+        .or_else(|_| Socket::new(Domain::IPV6, Type::STREAM, None))
+        .expect("socket");
+    listener.set_only_v6(false).expect("dual-stack");
+    listener.set_reuse_address(true).expect("reuse");
+    listener
+        .bind(&SockAddr::from(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            port,
+        )))
+        .expect("bind");
+    listener.listen(1024).expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    listener.into()
+}
+
+/// Starts the server in `ns` and returns once it listens (on PORT, and on HEALTH_PORT
+/// for health checks).
 pub fn serve(ns: &Netns) -> Server {
     let accepted = Arc::new(AtomicUsize::new(0));
     let records = Arc::new(Mutex::new(Vec::new()));
@@ -347,21 +410,14 @@ pub fn serve(ns: &Netns) -> Server {
     );
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     ns.enter(move || {
-        // MPTCP, dual-stack: IPv4 clients arrive v4-mapped; plain TCP clients fall back.
-        let listener = mptcp_socket(Domain::IPV6).expect("MPTCP socket (is net.mptcp.enabled=1?)");
-        listener.set_only_v6(false).expect("dual-stack");
-        listener.set_reuse_address(true).expect("reuse");
-        listener
-            .bind(&SockAddr::from(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                PORT,
-            )))
-            .expect("bind");
-        listener.listen(1024).expect("listen");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let listener: std::net::TcpListener = listener.into();
+        let listener = listen(PORT);
+        // Health checks connect here, so they never count as served connections.
+        let health = listen(HEALTH_PORT);
         ready_tx.send(()).expect("ready");
         while !s.load(Ordering::Relaxed) {
+            while let Ok((probe, _)) = health.accept() {
+                drop(probe);
+            }
             match listener.accept() {
                 Ok((mut conn, _)) => {
                     a.fetch_add(1, Ordering::Relaxed);

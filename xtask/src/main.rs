@@ -140,6 +140,11 @@ fn test() -> anyhow::Result<()> {
         }
         println!("xtask: not root: the privileged tests will report themselves as skipped");
     }
+    // The daemon and CLI tests run the real binary.
+    run(
+        "build the mptcp-lb binary",
+        cargo().args(["build", "-p", "lb-userspace", "--bin", "mptcp-lb"]),
+    )?;
     run_tests(
         "privileged tests (kernel loads, packet fixtures, network namespaces)",
         cargo().args([

@@ -1,0 +1,112 @@
+//! The daemon's control socket: one JSON request per line, one JSON answer per line.
+//! Unix socket, mode 0600 in a root-only directory: only root may operate the balancer.
+//!
+//! The CLI side is synchronous (std), the daemon side runs on tokio.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::controller::AdminOp;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Reload,
+    Backend {
+        action: AdminOp,
+        service: String,
+        address: IpAddr,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// What `status` answers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub interface: String,
+    /// `native` or `generic`, or `unchanged` when the program was swapped into an
+    /// existing attachment.
+    pub xdp_mode: String,
+    pub program_id: u32,
+    pub pin_path: String,
+    pub started_unix: u64,
+    pub uptime_secs: u64,
+    pub config_file: String,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub last_reload_unix: u64,
+    pub last_reload_error: Option<String>,
+    pub mptcp_aware: bool,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub id: u32,
+    pub vips: Vec<String>,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    /// active, draining, down or disabled.
+    pub state: String,
+    /// The health check kind, if one runs.
+    pub health: Option<String>,
+}
+
+/// Sends one request to the daemon at `socket` and returns its data, or its error.
+pub fn request(socket: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let mut s = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied on the control socket {}: the daemon is operated as root",
+            socket.display()
+        ),
+        Err(e) => bail!(
+            "no daemon answers on {} ({e}): is `mptcp-lb run` running, and is this the control_socket its configuration names (--socket)?",
+            socket.display()
+        ),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .with_context(|| format!("writing to {}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(&s)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    let resp: Response =
+        serde_json::from_str(&answer).with_context(|| format!("the daemon answered {answer:?}"))?;
+    if resp.ok {
+        Ok(resp.data)
+    } else {
+        bail!(
+            "{}",
+            resp.error.unwrap_or_else(|| "the daemon refused".into())
+        )
+    }
+}

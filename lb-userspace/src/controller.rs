@@ -1,0 +1,603 @@
+//! Applying a configuration to the dataplane, and every later change: reloads, health
+//! transitions, administrative drains. The one owner of the dataplane's maps in the
+//! daemon.
+//!
+//! Ids: a service keeps its id (its Maglev ring and stats slot) as long as its name is
+//! configured; a backend keeps its id as long as its (service, address) is. A restarted
+//! daemon reads them back from the pinned metadata maps, so connection and token entries
+//! (which hold ids) stay meaningful across restarts and reloads.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    path::PathBuf,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::maps::*;
+
+use crate::{
+    config::{self, Config as FileConfig, HealthCheck, UnknownJoinPolicy, Vip},
+    dataplane::{Dataplane, addr_words, words_addr},
+    maglev,
+};
+
+/// A backend is placed in new connections' Maglev table only with none of these bits.
+const OUT_OF_RING: u32 = BMETA_DRAIN_CONFIG | BMETA_DRAIN_ADMIN | BMETA_DISABLED | BMETA_DOWN;
+/// Its learned tokens are dropped when one of these is set: joins of its connections are
+/// no longer steered to it.
+const TOKENS_DROPPED: u32 = BMETA_DISABLED | BMETA_DOWN;
+
+/// A backend's state as people name it.
+pub fn state_name(state: u32) -> &'static str {
+    if state & BMETA_DISABLED != 0 {
+        "disabled"
+    } else if state & BMETA_DOWN != 0 {
+        "down"
+    } else if state & (BMETA_DRAIN_CONFIG | BMETA_DRAIN_ADMIN) != 0 {
+        "draining"
+    } else {
+        "active"
+    }
+}
+
+/// What an operator can do to a backend at run time (`mptcp-lb backend ...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminOp {
+    /// No new connections; established ones and their joins still reach it.
+    Drain,
+    Undrain,
+    /// Out of service as if its health check failed: no new connections, its tokens
+    /// dropped.
+    Disable,
+    Enable,
+}
+
+/// One configured backend, as the controller tracks it.
+#[derive(Clone, Debug)]
+pub struct BackendState {
+    pub id: u32,
+    pub service: String,
+    pub service_id: u32,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// `BMETA_*` bits.
+    pub state: u32,
+    pub changed_unix_ns: u64,
+    /// The health check that applies (the backend's own, else its service's).
+    pub health: Option<HealthCheck>,
+    /// Port the health check connects to.
+    pub health_port: u16,
+}
+
+pub struct Controller {
+    pub dp: Dataplane,
+    pub config: FileConfig,
+    pub config_path: PathBuf,
+    /// Service name → id.
+    services: BTreeMap<String, u32>,
+    /// Installed VIPs → service id.
+    vips: HashMap<Vip, u32>,
+    /// Backend id → state.
+    backends: BTreeMap<u32, BackendState>,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub last_reload_unix: u64,
+    pub last_reload_error: Option<String>,
+}
+
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn name_bytes(name: &str) -> [u8; SERVICE_NAME_LEN] {
+    let mut out = [0u8; SERVICE_NAME_LEN];
+    let n = name.len().min(SERVICE_NAME_LEN);
+    out[..n].copy_from_slice(&name.as_bytes()[..n]);
+    out
+}
+
+/// A service name from its NUL-padded metadata bytes.
+pub fn meta_name(meta: &ServiceMeta) -> String {
+    let end = meta
+        .name
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(SERVICE_NAME_LEN);
+    String::from_utf8_lossy(&meta.name[..end]).into_owned()
+}
+
+/// The dataplane's run-time settings from the file's `[balancer]` section.
+pub fn dataplane_config(cfg: &FileConfig) -> Config {
+    let b = &cfg.balancer;
+    let mut flags = 0;
+    if b.unknown_join_policy == UnknownJoinPolicy::Hash {
+        flags |= CONFIG_JOIN_UNKNOWN_HASH;
+    }
+    if !b.mptcp_aware {
+        flags |= CONFIG_NO_MPTCP;
+    }
+    Config {
+        seed: b.hash_seed,
+        ring_size: b.ring_size,
+        src4: b.source_v4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+        src4_vary_bits: if b.source_v4.is_some() {
+            b.source_vary_bits
+        } else {
+            0
+        },
+        src6: b.source_v6.map_or([0; 4], |a| addr_words(IpAddr::V6(a)).0),
+        src6_vary_bits: if b.source_v6.is_some() {
+            b.source_vary_bits
+        } else {
+            0
+        },
+        flags,
+        token_idle_ns: b.token_idle_secs.saturating_mul(1_000_000_000),
+    }
+}
+
+impl Controller {
+    /// Takes over `dp` (fresh or adopted from pins): reads back the ids and states a
+    /// previous daemon recorded, then applies `config`.
+    pub fn start(
+        dp: Dataplane,
+        config: FileConfig,
+        config_path: PathBuf,
+    ) -> anyhow::Result<Controller> {
+        let mut c = Controller {
+            dp,
+            config: config.clone(),
+            config_path,
+            services: BTreeMap::new(),
+            vips: HashMap::new(),
+            backends: BTreeMap::new(),
+            reloads: 0,
+            reload_failures: 0,
+            last_reload_unix: unix_ns() / 1_000_000_000,
+            last_reload_error: None,
+        };
+        c.read_back().context("reading the pinned metadata")?;
+        c.apply(&config)?;
+        Ok(c)
+    }
+
+    /// What the maps say a previous daemon configured.
+    fn read_back(&mut self) -> anyhow::Result<()> {
+        for id in 0..MAX_SERVICES {
+            let m = self.dp.maps.service_meta.get(&id, 0)?;
+            if m.in_use != 0 {
+                self.services.insert(meta_name(&m), id);
+            }
+        }
+        let names: HashMap<u32, String> = self
+            .services
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect();
+        for id in 1..MAX_BACKENDS {
+            let b = self.dp.maps.backends.get(&id, 0)?;
+            if b.flags == 0 {
+                continue;
+            }
+            let m = self.dp.maps.backend_meta.get(&id, 0)?;
+            let Some(service) = names.get(&m.service) else {
+                continue;
+            };
+            self.backends.insert(
+                id,
+                BackendState {
+                    id,
+                    service: service.clone(),
+                    service_id: m.service,
+                    address: words_addr(b.addr, b.family),
+                    weight: m.weight,
+                    state: m.state,
+                    changed_unix_ns: m.changed_unix_ns,
+                    health: None,
+                    health_port: 0,
+                },
+            );
+        }
+        let keys: Vec<VipKey> = self.dp.maps.vips.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            if k.proto == 0 {
+                continue;
+            }
+            let info = self.dp.maps.vips.get(&k, 0)?;
+            self.vips.insert(
+                Vip {
+                    addr: words_addr(k.addr, k.family),
+                    port: u16::from_be(k.port),
+                    proto: k.proto,
+                },
+                info.service,
+            );
+        }
+        Ok(())
+    }
+
+    /// Settings that fix map sizes or the attachment cannot change without a restart.
+    pub fn check_reloadable(&self, new: &FileConfig) -> anyhow::Result<()> {
+        let (a, b) = (&self.config.balancer, &new.balancer);
+        for (field, changed) in [
+            ("balancer.interface", a.interface != b.interface),
+            ("balancer.xdp_mode", a.xdp_mode != b.xdp_mode),
+            ("balancer.pin_path", a.pin_path != b.pin_path),
+            ("balancer.ring_size", a.ring_size != b.ring_size),
+            (
+                "balancer.conn_table_size",
+                a.conn_table_size != b.conn_table_size,
+            ),
+            (
+                "balancer.token_table_size",
+                a.token_table_size != b.token_table_size,
+            ),
+            (
+                "balancer.metrics_listen",
+                a.metrics_listen != b.metrics_listen,
+            ),
+            (
+                "balancer.control_socket",
+                a.control_socket != b.control_socket,
+            ),
+        ] {
+            if changed {
+                bail!("{field} changed: it takes a restart (mptcp-lb run), not a reload");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `new` as the difference from what is installed: only changed Maglev slots
+    /// are rewritten, connection and token tables are left alone (except tokens of
+    /// backends that left or went out of service).
+    pub fn apply(&mut self, new: &FileConfig) -> anyhow::Result<ApplySummary> {
+        let mut summary = ApplySummary::default();
+        self.dp.set_config(dataplane_config(new))?;
+
+        // Service ids: kept by name; new names take the lowest free id.
+        let wanted: HashSet<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
+        let gone: Vec<(String, u32)> = self
+            .services
+            .iter()
+            .filter(|(n, _)| !wanted.contains(n.as_str()))
+            .map(|(n, id)| (n.clone(), *id))
+            .collect();
+        for s in &new.services {
+            if !self.services.contains_key(&s.name) {
+                // Ids of services leaving in this same apply are not reused yet.
+                let used: HashSet<u32> = self.services.values().copied().collect();
+                let id = (0..MAX_SERVICES)
+                    .find(|i| !used.contains(i))
+                    .context("no free service id")?;
+                self.services.insert(s.name.clone(), id);
+                summary.services_added += 1;
+            }
+            let id = self.services[&s.name];
+            self.dp.maps.service_meta.set(
+                id,
+                ServiceMeta {
+                    name: name_bytes(&s.name),
+                    in_use: 1,
+                    _pad: 0,
+                },
+                0,
+            )?;
+        }
+
+        // Backends: kept by (service, address); the rest take the lowest free id.
+        let now = unix_ns();
+        let mut keep: HashSet<u32> = HashSet::new();
+        for s in &new.services {
+            let sid = self.services[&s.name];
+            let vip_port = s
+                .vips
+                .first()
+                .and_then(|v| config::parse_vip(v).ok())
+                .map_or(0, |v| v.port);
+            for be in &s.backends {
+                let health = be.health.clone().or_else(|| s.health.clone());
+                let health_port = health.as_ref().and_then(|h| h.port).unwrap_or(vip_port);
+                let existing = self
+                    .backends
+                    .values()
+                    .find(|b| b.service_id == sid && b.address == be.address)
+                    .map(|b| b.id);
+                let id = match existing {
+                    Some(id) => id,
+                    None => {
+                        let id = (1..MAX_BACKENDS)
+                            .find(|i| !self.backends.contains_key(i))
+                            .context("no free backend id")?;
+                        // A new backend with a health check waits for `rise` successes.
+                        let state = if health.is_some() { BMETA_DOWN } else { 0 };
+                        self.backends.insert(
+                            id,
+                            BackendState {
+                                id,
+                                service: s.name.clone(),
+                                service_id: sid,
+                                address: be.address,
+                                weight: be.weight,
+                                state,
+                                changed_unix_ns: now,
+                                health: None,
+                                health_port: 0,
+                            },
+                        );
+                        summary.backends_added += 1;
+                        id
+                    }
+                };
+                keep.insert(id);
+                let b = self.backends.get_mut(&id).expect("just inserted");
+                b.weight = be.weight;
+                b.health = health;
+                b.health_port = health_port;
+                if b.health.is_none() && b.state & BMETA_DOWN != 0 {
+                    b.state &= !BMETA_DOWN;
+                    b.changed_unix_ns = now;
+                }
+                let checked = if b.health.is_some() { BMETA_CHECKED } else { 0 };
+                let drain = if be.drain { BMETA_DRAIN_CONFIG } else { 0 };
+                let state = (b.state & !(BMETA_CHECKED | BMETA_DRAIN_CONFIG)) | checked | drain;
+                if state != b.state {
+                    b.state = state;
+                    b.changed_unix_ns = now;
+                }
+                self.write_backend(id)?;
+            }
+        }
+
+        // VIPs: add the new ones (their backends are in place), then rings, then remove.
+        let mut want_vips: HashMap<Vip, u32> = HashMap::new();
+        for s in &new.services {
+            for v in &s.vips {
+                let vip = config::parse_vip(v).map_err(anyhow::Error::msg)?;
+                want_vips.insert(vip, self.services[&s.name]);
+            }
+        }
+        for s in &new.services {
+            let sid = self.services[&s.name];
+            let written = self.write_ring(sid)?;
+            summary.slots_written += written;
+        }
+        for (vip, sid) in &want_vips {
+            if self.vips.get(vip) != Some(sid) {
+                self.dp.add_vip(vip.addr, vip.port, vip.proto, *sid)?;
+                self.vips.insert(*vip, *sid);
+                summary.vips_added += 1;
+            }
+        }
+        let stale: Vec<Vip> = self
+            .vips
+            .keys()
+            .filter(|v| !want_vips.contains_key(v))
+            .copied()
+            .collect();
+        for vip in stale {
+            self.remove_vip(&vip, &want_vips)?;
+            self.vips.remove(&vip);
+            summary.vips_removed += 1;
+        }
+
+        // Backends that left: out of every ring already (their services were rebuilt
+        // above); now the connections to them re-pick and their tokens go.
+        let removed: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        for id in removed {
+            let b = self.backends.remove(&id).expect("listed");
+            tracing::info!(service = %b.service, backend = %b.address, id, "backend removed");
+            self.dp.maps.backends.set(id, Backend::default(), 0)?;
+            self.dp
+                .maps
+                .backend_meta
+                .set(id, BackendMeta::default(), 0)?;
+            summary.tokens_dropped += self.drop_tokens(id)?;
+            summary.backends_removed += 1;
+        }
+        // Services that left: their VIPs are gone; clear the ring and the name.
+        for (name, id) in gone {
+            self.dp.set_ring(id, &[])?;
+            self.dp
+                .maps
+                .service_meta
+                .set(id, ServiceMeta::default(), 0)?;
+            self.services.remove(&name);
+            summary.services_removed += 1;
+        }
+        self.config = new.clone();
+        Ok(summary)
+    }
+
+    fn remove_vip(&mut self, vip: &Vip, keep: &HashMap<Vip, u32>) -> anyhow::Result<()> {
+        let (words, family) = addr_words(vip.addr);
+        let key = VipKey {
+            addr: words,
+            port: vip.port.to_be(),
+            proto: vip.proto,
+            family,
+        };
+        let _ = self.dp.maps.vips.remove(&key);
+        // The address marker goes with the last VIP on that address.
+        if !keep.keys().any(|v| v.addr == vip.addr) {
+            let marker = VipKey {
+                port: 0,
+                proto: 0,
+                ..key
+            };
+            let _ = self.dp.maps.vips.remove(&marker);
+        }
+        Ok(())
+    }
+
+    /// Writes backend `id`'s dataplane entry and metadata from its state.
+    fn write_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        let b = &self.backends[&id];
+        let flags = if b.state & OUT_OF_RING == 0 {
+            BACKEND_ACTIVE
+        } else {
+            BACKEND_DRAINING
+        };
+        let meta = BackendMeta {
+            service: b.service_id,
+            weight: b.weight,
+            state: b.state,
+            _pad: 0,
+            changed_unix_ns: b.changed_unix_ns,
+        };
+        let addr = b.address;
+        self.dp.set_backend(id, addr, flags)?;
+        self.dp.maps.backend_meta.set(id, meta, 0)?;
+        Ok(())
+    }
+
+    /// Rebuilds service `sid`'s ring from its backends that take new connections.
+    fn write_ring(&mut self, sid: u32) -> anyhow::Result<usize> {
+        let members: Vec<maglev::Member> = self
+            .backends
+            .values()
+            .filter(|b| b.service_id == sid && b.state & OUT_OF_RING == 0)
+            .map(|b| maglev::Member {
+                id: b.id,
+                key: b.address.to_string(),
+                weight: b.weight,
+            })
+            .collect();
+        self.dp.set_ring(sid, &members)
+    }
+
+    /// Deletes the tokens learned for backend `id`. Returns how many.
+    fn drop_tokens(&mut self, id: u32) -> anyhow::Result<usize> {
+        let mut doomed = Vec::new();
+        for entry in self.dp.maps.tokens.iter() {
+            match entry {
+                Ok((token, e)) if e.backend == id => doomed.push(token),
+                Ok(_) => {}
+                // An entry evicted while we walk: skip it.
+                Err(_) => {}
+            }
+        }
+        for t in &doomed {
+            let _ = self.dp.maps.tokens.remove(t);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Sets or clears `bits` of backend `id`, then rewrites what depends on them.
+    fn set_bits(&mut self, id: u32, bits: u32, on: bool) -> anyhow::Result<bool> {
+        let b = self.backends.get_mut(&id).context("no such backend")?;
+        let before = b.state;
+        if on {
+            b.state |= bits;
+        } else {
+            b.state &= !bits;
+        }
+        if b.state == before {
+            return Ok(false);
+        }
+        b.changed_unix_ns = unix_ns();
+        let (sid, now_state) = (b.service_id, b.state);
+        // Into the ring: the backend entry first; out of it: the ring first.
+        if now_state & OUT_OF_RING == 0 {
+            self.write_backend(id)?;
+            self.write_ring(sid)?;
+        } else {
+            self.write_ring(sid)?;
+            self.write_backend(id)?;
+        }
+        if now_state & TOKENS_DROPPED != 0 && before & TOKENS_DROPPED == 0 {
+            let n = self.drop_tokens(id)?;
+            tracing::info!(
+                id,
+                tokens = n,
+                "dropped the tokens of a backend out of service"
+            );
+        }
+        Ok(true)
+    }
+
+    /// A health check's verdict changed.
+    pub fn set_health(&mut self, id: u32, up: bool) -> anyhow::Result<()> {
+        if self.set_bits(id, BMETA_DOWN, !up)? {
+            let b = &self.backends[&id];
+            if up {
+                tracing::info!(service = %b.service, backend = %b.address, "backend up");
+            } else {
+                tracing::warn!(service = %b.service, backend = %b.address, "backend down");
+            }
+        }
+        Ok(())
+    }
+
+    /// `mptcp-lb backend drain|undrain|disable|enable SERVICE ADDR`.
+    pub fn admin(&mut self, service: &str, address: IpAddr, op: AdminOp) -> anyhow::Result<String> {
+        let sid = *self
+            .services
+            .get(service)
+            .with_context(|| format!("no service named {service:?}"))?;
+        let id = self
+            .backends
+            .values()
+            .find(|b| b.service_id == sid && b.address == address)
+            .map(|b| b.id)
+            .with_context(|| format!("service {service:?} has no backend {address}"))?;
+        let (bits, on) = match op {
+            AdminOp::Drain => (BMETA_DRAIN_ADMIN, true),
+            AdminOp::Undrain => (BMETA_DRAIN_ADMIN, false),
+            AdminOp::Disable => (BMETA_DISABLED, true),
+            AdminOp::Enable => (BMETA_DISABLED, false),
+        };
+        self.set_bits(id, bits, on)?;
+        let state = state_name(self.backends[&id].state);
+        tracing::info!(service, backend = %address, ?op, state, "backend changed by an operator");
+        Ok(state.to_string())
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = &BackendState> {
+        self.backends.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&String, &u32)> {
+        self.services.iter()
+    }
+}
+
+/// What an apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub vips_added: usize,
+    pub vips_removed: usize,
+    pub slots_written: usize,
+    pub tokens_dropped: usize,
+}
+
+impl std::fmt::Display for ApplySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "services +{} -{}, backends +{} -{}, VIPs +{} -{}, {} Maglev slots rewritten, {} tokens dropped",
+            self.services_added,
+            self.services_removed,
+            self.backends_added,
+            self.backends_removed,
+            self.vips_added,
+            self.vips_removed,
+            self.slots_written,
+            self.tokens_dropped
+        )
+    }
+}

@@ -1,0 +1,417 @@
+//! `mptcp-lb run`: the controller daemon. Loads (or adopts) the pinned dataplane,
+//! applies the configuration, runs the health checks, answers the control socket and
+//! the metrics endpoint, reloads on SIGHUP, and exits on SIGTERM leaving the dataplane
+//! forwarding.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::XdpMode;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, UnixListener},
+    signal::unix::{SignalKind, signal},
+    sync::Mutex,
+    task::JoinHandle,
+};
+
+use crate::{
+    config::{Config, HealthCheck, XdpModeConfig},
+    control::{BackendStatus, Request, Response, ServiceStatus, Status},
+    controller::{Controller, state_name, unix_ns},
+    dataplane::{Dataplane, Sizes},
+    health::{Hysteresis, probe},
+    metrics,
+};
+
+/// True when this network namespace has an interface called `name`.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// A running health check: what it checks, and its task.
+type RunningCheck = (HealthCheck, SocketAddr, JoinHandle<()>);
+
+struct Shared {
+    ctl: Mutex<Controller>,
+    started_unix: u64,
+    started: Instant,
+    xdp_mode: String,
+    program_id: u32,
+    /// Running health checks: backend id → (what it checks, its task).
+    checks: Mutex<HashMap<u32, RunningCheck>>,
+}
+
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("mptcp-lb run needs root (it loads and attaches XDP programs)");
+    }
+    let config = Config::load(config_path, interface_exists)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(serve(config, config_path.to_path_buf()))
+}
+
+async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    let b = &config.balancer;
+    let sizes = Sizes {
+        ring_size: b.ring_size,
+        conn_entries: b.conn_table_size,
+        token_entries: b.token_table_size,
+    };
+    let (dp, adopted) = Dataplane::load_pinned(sizes, &b.pin_path)?;
+    if adopted {
+        tracing::info!(pin_path = %b.pin_path.display(), "adopting the pinned maps: connection and token tables carry over");
+    }
+    // Configure before attaching, so a fresh attach forwards from its first packet; an
+    // adopted dataplane keeps forwarding with its old program meanwhile.
+    let mut ctl = Controller::start(dp, config.clone(), config_path)?;
+    let mode = match b.xdp_mode {
+        XdpModeConfig::Auto => None,
+        XdpModeConfig::Native => Some(XdpMode::Driver),
+        XdpModeConfig::Generic => Some(XdpMode::Skb),
+    };
+    let attached = ctl.dp.attach_pinned(&b.interface, mode)?;
+    let xdp_mode = match attached {
+        Some(XdpMode::Driver) => "native".to_string(),
+        Some(_) => "generic".to_string(),
+        None => "unchanged".to_string(),
+    };
+    let program_id = ctl.dp.program().info().map(|i| i.id()).unwrap_or(0);
+    match attached {
+        Some(_) => {
+            tracing::info!(interface = %b.interface, mode = %xdp_mode, program_id, "attached")
+        }
+        None => {
+            tracing::info!(interface = %b.interface, program_id, "program replaced through the pinned link, no forwarding gap")
+        }
+    }
+    let shared = Arc::new(Shared {
+        ctl: Mutex::new(ctl),
+        started_unix: unix_ns() / 1_000_000_000,
+        started: Instant::now(),
+        xdp_mode,
+        program_id,
+        checks: Mutex::new(HashMap::new()),
+    });
+    sync_checks(&shared).await;
+
+    let control = bind_control(&config.balancer.control_socket)?;
+    tokio::spawn(control_loop(shared.clone(), control));
+    if let Some(addr) = config.balancer.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("balancer.metrics_listen: binding {addr}"))?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        tokio::spawn(metrics_loop(shared.clone(), l));
+    }
+    tracing::info!(control_socket = %config.balancer.control_socket.display(), "ready");
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let _ = reload(&shared).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&config.balancer.control_socket);
+    tracing::info!(
+        "exiting; the dataplane keeps forwarding through its pinned link (`mptcp-lb detach` removes it)"
+    );
+    Ok(())
+}
+
+/// Re-reads the configuration file and applies the difference; on any error the running
+/// configuration stays in force.
+async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
+    let result = {
+        let mut ctl = shared.ctl.lock().await;
+        let path = ctl.config_path.clone();
+        let applied = Config::load(&path, interface_exists)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                ctl.check_reloadable(&new)
+                    .map_err(|e| format!("{}: {e:#}", path.display()))?;
+                ctl.apply(&new).map_err(|e| format!("applying: {e:#}"))
+            });
+        match applied {
+            Ok(summary) => {
+                ctl.reloads += 1;
+                ctl.last_reload_unix = unix_ns() / 1_000_000_000;
+                ctl.last_reload_error = None;
+                tracing::info!(%summary, "configuration reloaded");
+                Ok(summary.to_string())
+            }
+            Err(e) => {
+                ctl.reload_failures += 1;
+                ctl.last_reload_error = Some(e.clone());
+                tracing::error!(error = %e, "reload refused; the running configuration stays in force");
+                Err(e)
+            }
+        }
+    };
+    if result.is_ok() {
+        sync_checks(shared).await;
+    }
+    result
+}
+
+/// Starts, restarts or stops health-check tasks to match the controller's backends.
+async fn sync_checks(shared: &Arc<Shared>) {
+    let wanted: HashMap<u32, (HealthCheck, SocketAddr, bool)> = {
+        let ctl = shared.ctl.lock().await;
+        ctl.backends()
+            .filter_map(|b| {
+                let h = b.health.clone()?;
+                let up = b.state & lb_common::maps::BMETA_DOWN == 0;
+                Some((b.id, (h, SocketAddr::new(b.address, b.health_port), up)))
+            })
+            .collect()
+    };
+    let mut checks = shared.checks.lock().await;
+    checks.retain(|id, (check, addr, task)| {
+        let keep = wanted
+            .get(id)
+            .is_some_and(|(c, a, _)| c == check && a == addr);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for (id, (check, addr, up)) in wanted {
+        if checks.contains_key(&id) {
+            continue;
+        }
+        let task = tokio::spawn(check_loop(shared.clone(), id, check.clone(), addr, up));
+        checks.insert(id, (check, addr, task));
+    }
+}
+
+async fn check_loop(shared: Arc<Shared>, id: u32, check: HealthCheck, addr: SocketAddr, up: bool) {
+    let mut verdict = Hysteresis::new(up, check.rise, check.fall);
+    let mut tick = tokio::time::interval(check.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ok = None;
+    loop {
+        tick.tick().await;
+        let result = probe(&check, addr).await;
+        match &result {
+            // The first failure of a run says why; the rest are debug noise.
+            Err(e) if last_ok != Some(false) => {
+                tracing::warn!(%addr, kind = ?check.kind, error = %e, "health check failed")
+            }
+            Err(e) => tracing::debug!(%addr, kind = ?check.kind, error = %e, "health check failed"),
+            Ok(()) => {}
+        }
+        last_ok = Some(result.is_ok());
+        if let Some(now_up) = verdict.record(result.is_ok()) {
+            let mut ctl = shared.ctl.lock().await;
+            if let Err(e) = ctl.set_health(id, now_up) {
+                tracing::error!(%addr, error = %format!("{e:#}"), "applying a health change");
+            }
+        }
+    }
+}
+
+fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    // A socket file left by a daemon that was killed: nobody listens on it.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon answers on {} (balancer.control_socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("balancer.control_socket: binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn control_loop(shared: Arc<Shared>, l: UnixListener) {
+    loop {
+        let Ok((stream, _)) = l.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => answer(&shared, req).await,
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    data: serde_json::Value::Null,
+                },
+            };
+            let mut out = serde_json::to_string(&resp).unwrap_or_default();
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+fn ok(data: serde_json::Value) -> Response {
+    Response {
+        ok: true,
+        error: None,
+        data,
+    }
+}
+
+fn refused(e: String) -> Response {
+    Response {
+        ok: false,
+        error: Some(e),
+        data: serde_json::Value::Null,
+    }
+}
+
+async fn answer(shared: &Arc<Shared>, req: Request) -> Response {
+    match req {
+        Request::Status => {
+            let status = status(shared).await;
+            ok(serde_json::to_value(status).unwrap_or_default())
+        }
+        Request::Reload => match reload(shared).await {
+            Ok(summary) => ok(serde_json::Value::String(summary)),
+            Err(e) => refused(e),
+        },
+        Request::Backend {
+            action,
+            service,
+            address,
+        } => {
+            let r = shared.ctl.lock().await.admin(&service, address, action);
+            match r {
+                Ok(state) => ok(serde_json::Value::String(state)),
+                Err(e) => refused(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+async fn status(shared: &Arc<Shared>) -> Status {
+    let ctl = shared.ctl.lock().await;
+    let cfg = &ctl.config;
+    let services = cfg
+        .services
+        .iter()
+        .map(|s| {
+            let backends = ctl
+                .backends()
+                .filter(|b| b.service == s.name)
+                .map(|b| BackendStatus {
+                    address: b.address,
+                    id: b.id,
+                    weight: b.weight,
+                    state: state_name(b.state).to_string(),
+                    health: b
+                        .health
+                        .as_ref()
+                        .map(|h| format!("{:?}", h.kind).to_lowercase()),
+                })
+                .collect();
+            ServiceStatus {
+                name: s.name.clone(),
+                id: ctl
+                    .services()
+                    .find(|(n, _)| **n == s.name)
+                    .map_or(0, |(_, id)| *id),
+                vips: s.vips.clone(),
+                backends,
+            }
+        })
+        .collect();
+    Status {
+        pid: std::process::id(),
+        interface: cfg.balancer.interface.clone(),
+        xdp_mode: shared.xdp_mode.clone(),
+        program_id: shared.program_id,
+        pin_path: cfg.balancer.pin_path.display().to_string(),
+        started_unix: shared.started_unix,
+        uptime_secs: shared.started.elapsed().as_secs(),
+        config_file: ctl.config_path.display().to_string(),
+        reloads: ctl.reloads,
+        reload_failures: ctl.reload_failures,
+        last_reload_unix: ctl.last_reload_unix,
+        last_reload_error: ctl.last_reload_error.clone(),
+        mptcp_aware: cfg.balancer.mptcp_aware,
+        services,
+    }
+}
+
+async fn metrics_loop(shared: Arc<Shared>, l: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut n = 0;
+            // Read the request head (bounded, with a deadline).
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if head.starts_with("GET ") && path == "/metrics" {
+                let ctl = shared.ctl.lock().await;
+                match metrics::render(&ctl) {
+                    Ok(text) => ("200 OK", text),
+                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
+                }
+            } else {
+                ("404 Not Found", "metrics are at /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}

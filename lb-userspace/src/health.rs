@@ -1,0 +1,251 @@
+//! Backend health checks: `tcp` (a connect), `mptcp` (a connect that must negotiate
+//! MPTCP, not fall back to TCP), `http` (a GET that must answer the expected status),
+//! and the rise/fall hysteresis that turns results into up and down.
+
+use std::{net::SocketAddr, os::fd::AsRawFd as _};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::config::{HealthCheck, HealthKind};
+
+const IPPROTO_MPTCP: i32 = 262;
+const SOL_MPTCP: i32 = 284;
+const MPTCP_INFO: i32 = 1;
+
+/// Runs one check of `kind` against `addr`, bounded by the check's timeout. Err says why
+/// it failed, in words for the log.
+pub async fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
+    match tokio::time::timeout(check.timeout(), probe_inner(check, addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", check.timeout_ms)),
+    }
+}
+
+async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
+    match check.kind {
+        HealthKind::Tcp => {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            Ok(())
+        }
+        HealthKind::Mptcp => {
+            let stream = connect_mptcp(addr).await?;
+            if mptcp_negotiated(&stream) {
+                Ok(())
+            } else {
+                Err("connected, but the backend answered without MPTCP (fell back to TCP: is net.mptcp.enabled=1 and does the server use IPPROTO_MPTCP?)".into())
+            }
+        }
+        HealthKind::Http => {
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let req = format!(
+                "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: mptcp-lb-health\r\nConnection: close\r\n\r\n",
+                check.http_path,
+                addr.ip()
+            );
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let mut head = Vec::with_capacity(256);
+            let mut buf = [0u8; 256];
+            while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+                let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let status = parse_status(&head)?;
+            if status == check.http_status {
+                Ok(())
+            } else {
+                Err(format!(
+                    "HTTP status {status}, expected {}",
+                    check.http_status
+                ))
+            }
+        }
+    }
+}
+
+/// The status code of an HTTP/1.x status line.
+pub fn parse_status(head: &[u8]) -> Result<u16, String> {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => code
+            .parse()
+            .map_err(|_| format!("bad HTTP status line {:?}", line.trim_end())),
+        _ => Err(format!("not an HTTP answer: {:?}", line.trim_end())),
+    }
+}
+
+async fn connect_mptcp(addr: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock =
+        Socket::new(domain, Type::STREAM, Some(Protocol::from(IPPROTO_MPTCP))).map_err(|e| {
+            format!("MPTCP socket on the balancer host: {e} (net.mptcp.enabled=0 here?)")
+        })?;
+    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let std_stream: std::net::TcpStream = sock.into();
+    tokio::net::TcpSocket::from_std_stream(std_stream)
+        .connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))
+}
+
+/// True when the connection speaks MPTCP: on a connection that fell back to TCP the
+/// kernel hands SOL_MPTCP options to the TCP subflow, which refuses them.
+fn mptcp_negotiated(stream: &tokio::net::TcpStream) -> bool {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            SOL_MPTCP,
+            MPTCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    rc == 0
+}
+
+/// Rise/fall hysteresis: `fall` failures in a row take an up backend down, `rise`
+/// successes in a row bring a down one up.
+#[derive(Clone, Debug)]
+pub struct Hysteresis {
+    pub up: bool,
+    streak: u32,
+    rise: u32,
+    fall: u32,
+}
+
+impl Hysteresis {
+    pub fn new(up: bool, rise: u32, fall: u32) -> Self {
+        Self {
+            up,
+            streak: 0,
+            rise: rise.max(1),
+            fall: fall.max(1),
+        }
+    }
+
+    /// Feeds one result; returns the new verdict when it changed.
+    pub fn record(&mut self, ok: bool) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { self.fall } else { self.rise };
+        if self.streak >= needed {
+            self.up = ok;
+            self.streak = 0;
+            Some(ok)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_failures_take_it_down_and_rise_successes_bring_it_back() {
+        let mut h = Hysteresis::new(true, 2, 3);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        // A success in between resets the count.
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), Some(false));
+        assert!(!h.up);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+        assert!(h.up);
+    }
+
+    #[test]
+    fn http_status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\nServer: x\r\n"), Ok(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\n"),
+            Ok(503)
+        );
+        assert!(parse_status(b"SSH-2.0-OpenSSH\r\n").is_err());
+        assert!(parse_status(b"HTTP/1.1 abc\r\n").is_err());
+        assert!(parse_status(b"").is_err());
+    }
+
+    async fn check(kind: HealthKind) -> HealthCheck {
+        HealthCheck {
+            kind,
+            port: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 1,
+            fall: 1,
+            http_path: "/healthz".into(),
+            http_status: 200,
+        }
+    }
+
+    /// A one-shot HTTP server on loopback answering `status`.
+    async fn http_server(status: &'static str) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let ok = buf[..n].starts_with(b"GET /healthz HTTP/1.0\r\n");
+                let line = if ok {
+                    status
+                } else {
+                    "HTTP/1.0 400 Bad\r\n\r\n"
+                };
+                let _ = s.write_all(line.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_checks_against_loopback_servers() {
+        let good = http_server("HTTP/1.0 200 OK\r\n\r\n").await;
+        let bad = http_server("HTTP/1.0 503 Unavailable\r\n\r\n").await;
+        assert_eq!(probe(&check(HealthKind::Tcp).await, good).await, Ok(()));
+        assert_eq!(probe(&check(HealthKind::Http).await, good).await, Ok(()));
+        let e = probe(&check(HealthKind::Http).await, bad)
+            .await
+            .expect_err("503");
+        assert!(e.contains("HTTP status 503, expected 200"), "{e}");
+        // Nobody listens on a port we just closed.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let e = probe(&check(HealthKind::Tcp).await, closed)
+            .await
+            .expect_err("refused");
+        assert!(e.starts_with("connect:"), "{e}");
+    }
+}

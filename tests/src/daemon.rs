@@ -1,0 +1,214 @@
+//! Runs the real `mptcp-lb` binary (the daemon and the CLI) inside a namespace, the way
+//! an operator would, with its configuration file, log file and control socket in a
+//! directory of its own.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{Netns, wait_until};
+
+/// The `mptcp-lb` binary of this build (cargo puts it beside the test's deps dir).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("mptcp-lb");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p lb-userspace; cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Daemon {
+    ns_path: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes `config` (which must name `socket` and `pin_path` as given by
+    /// [`Daemon::paths`]) and starts the daemon in `ns`; returns once it answers.
+    pub fn start(ns: &Netns, tag: &str, config: &str) -> Daemon {
+        let (dir, socket, pin_path) = Daemon::paths(tag);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("daemon dir");
+        let mut d = Daemon {
+            ns_path: ns.path(),
+            config: dir.join("lb.toml"),
+            dir,
+            socket,
+            pin_path,
+            child: None,
+        };
+        d.write_config(config);
+        d.spawn();
+        d
+    }
+
+    /// Directory, control socket and pin path for daemon `tag`.
+    pub fn paths(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = PathBuf::from(format!("/tmp/mptcp-lb-test-{tag}"));
+        let socket = dir.join("control.sock");
+        let pins = PathBuf::from(format!("/sys/fs/bpf/mptcp-lb-test-{tag}"));
+        (dir, socket, pins)
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Starts (again) and waits until the control socket answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path))
+            .arg("--")
+            .arg(binary())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn mptcp-lb run");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.cli(&["status", "--json"]).status.success() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                panic!("mptcp-lb run exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "mptcp-lb run did not answer within 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no cleanup of any kind.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn term(&mut self) -> bool {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                return s.success();
+            }
+            assert!(Instant::now() < deadline, "no exit 10 s after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn hup(&self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+    }
+
+    /// Runs the CLI (in the daemon's namespace) with `--socket`/`--pin-path` supplied
+    /// where the subcommand takes them.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path))
+            .arg("--")
+            .arg(binary())
+            .args(args);
+        match args.first() {
+            Some(&("status" | "reload" | "backend")) => {
+                cmd.arg("--socket").arg(&self.socket);
+            }
+            Some(&"inspect") => {
+                cmd.arg("--pin-path").arg(&self.pin_path);
+            }
+            _ => {}
+        }
+        cmd.output().expect("run mptcp-lb")
+    }
+
+    /// The CLI's stdout as JSON; panics with its stderr when it fails.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "mptcp-lb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.json(&["status", "--json"])
+    }
+
+    /// Backend `addr`'s state in `service`, as the daemon reports it.
+    pub fn backend_state(&self, service: &str, addr: &str) -> Option<String> {
+        let s = self.status();
+        s["services"]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"] == service)?["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["address"] == addr)
+            .map(|b| b["state"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Waits until backend `addr` of `service` is in `state`; returns how long it took.
+    pub fn wait_state(
+        &self,
+        service: &str,
+        addr: &str,
+        state: &str,
+        deadline: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        wait_until(deadline, &format!("{service}/{addr} {state}"), || {
+            (self.backend_state(service, addr).as_deref() == Some(state)).then_some(())
+        });
+        start.elapsed()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = lb_userspace::pins::remove(&self.pin_path);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

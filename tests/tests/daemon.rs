@@ -1,0 +1,361 @@
+//! The controller daemon as operators run it (`mptcp-lb run --config FILE` in the
+//! balancer's namespace), against real MPTCP servers on the backends: restarts under
+//! load (kill -9), reloads that add and remove backends, bad reloads, health checks
+//! (including a backend whose MPTCP is off) and drains from the CLI.
+
+use std::{
+    net::IpAddr,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use mptcp_lb_tests::{
+    daemon::Daemon,
+    netns::{Netns, wait_until},
+    privileged,
+    testbed::{
+        ConnRecord, HEALTH_PORT, Server, Testbed, VIP6, across, alternate, backend_addr4,
+        run_clients, serve,
+    },
+};
+
+fn records(s: &Server) -> Vec<ConnRecord> {
+    s.records.lock().expect("records").clone()
+}
+
+fn accepted(servers: &[Server]) -> Vec<usize> {
+    servers
+        .iter()
+        .map(|s| s.accepted.load(Ordering::Relaxed))
+        .collect()
+}
+
+fn v6(_: usize) -> IpAddr {
+    IpAddr::V6(VIP6)
+}
+
+/// The XDP program id attached to `dev` in `ns` (from `ip -d link`).
+fn attached_prog(ns: &Netns, dev: &str) -> Option<u32> {
+    let out = ns.run(&["ip", "-d", "link", "show", "dev", dev]);
+    let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
+    out[at..].split_whitespace().next()?.parse().ok()
+}
+
+fn health(kind: &str) -> String {
+    format!(
+        "{{ kind = \"{kind}\", port = {HEALTH_PORT}, interval_ms = 200, timeout_ms = 150, rise = 2, fall = 3 }}"
+    )
+}
+
+const WIFI_ENDPOINT: [&str; 8] = [
+    "ip",
+    "mptcp",
+    "endpoint",
+    "add",
+    "fd00:1:1::2",
+    "dev",
+    "wifi0",
+    "subflow",
+];
+
+/// Kill -9 in the middle of 50 MPTCP transfers whose joins are opened while the daemon
+/// is dead; a new daemon adopts the pins. Then a reload that removes backend 3 and adds
+/// backend 4 under load, and a reload with a bad file.
+#[test]
+fn restart_under_load_and_reload() {
+    if !privileged("restart_under_load_and_reload") {
+        return;
+    }
+    let t0 = Instant::now();
+    let tb = Testbed::new("mlb-dmn", 4);
+    // Backends announce the IPv6 VIP, so IPv4 connections join across families.
+    for be in &tb.backends {
+        be.run(&[
+            "ip",
+            "mptcp",
+            "endpoint",
+            "add",
+            &VIP6.to_string(),
+            "dev",
+            "lo",
+            "signal",
+        ]);
+    }
+    let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    for s in &servers {
+        s.expect_joins.store(true, Ordering::Relaxed);
+    }
+    let tag = "dmn";
+    let hc = health("mptcp");
+    let cfg = |ids: &[usize]| Testbed::daemon_config(tag, &Testbed::service_toml("web", ids, &hc));
+    let mut d = Daemon::start(&tb.lb, tag, &cfg(&[1, 2, 3]));
+    for i in 1..=3 {
+        d.wait_state(
+            "web",
+            &backend_addr4(i).to_string(),
+            "active",
+            Duration::from_secs(10),
+        );
+    }
+    let prog = attached_prog(&tb.lb, "lb0").expect("the daemon attached XDP to lb0");
+
+    // 50 MPTCP connections (IPv6), established; their second subflows are opened only
+    // once the daemon is dead, and they finish after a new daemon took over.
+    tb.client.run(&["ip", "mptcp", "endpoint", "flush"]);
+    let mut during_outage = Vec::new();
+    let errors = across(&tb.client, 50, true, v6, || {
+        let t = Instant::now();
+        d.kill9();
+        assert_eq!(
+            attached_prog(&tb.lb, "lb0"),
+            Some(prog),
+            "the program stays attached after kill -9"
+        );
+        tb.client.run(&WIFI_ENDPOINT);
+        // New connections while no daemon runs.
+        during_outage = run_clients(&tb.client, 20, 5, true, alternate);
+        let served = t.elapsed();
+        d.spawn();
+        println!(
+            "daemon down for {} ms (20 connections served meanwhile in {} ms)",
+            t.elapsed().as_millis(),
+            served.as_millis()
+        );
+    });
+    assert!(
+        errors.is_empty(),
+        "{} of 50 failed: {:?}",
+        errors.len(),
+        errors
+    );
+    assert!(
+        during_outage.is_empty(),
+        "connections while the daemon was down: {during_outage:?}"
+    );
+    let new_prog = attached_prog(&tb.lb, "lb0").expect("still attached");
+    println!("program {prog} replaced by {new_prog} through the pinned link");
+    // Every connection, the held ones included, has both subflows on one backend: a
+    // join sent elsewhere would have been reset (no second subflow recorded).
+    let recs: Vec<ConnRecord> = servers.iter().flat_map(records).collect();
+    assert_eq!(recs.len(), 70, "50 held + 20 during the outage");
+    for r in &recs {
+        assert_eq!(
+            r.subflow_families.len(),
+            2,
+            "a connection lost its join: {r:?}"
+        );
+    }
+    // The daemon's view equals the backends' (issue: CLI shows the tokens they hold).
+    let listed = d.json(&["inspect", "tokens", "--json"]);
+    let listed: std::collections::HashMap<String, String> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|t| {
+            (
+                t["token"].as_str().expect("token").to_string(),
+                t["backend"].as_str().expect("backend").to_string(),
+            )
+        })
+        .collect();
+    for (i, s) in servers.iter().enumerate() {
+        for r in records(s) {
+            let token = format!("{:08x}", r.token);
+            assert_eq!(
+                listed.get(&token).map(String::as_str),
+                Some(backend_addr4(i + 1).to_string().as_str()),
+                "token {token} as `inspect tokens` lists it"
+            );
+        }
+    }
+    assert_eq!(listed.len(), 70, "exactly the backends' tokens");
+
+    println!("t={} ms", t0.elapsed().as_millis());
+    // Reload under load: backend 3 leaves, backend 4 joins (plain TCP from here on).
+    for s in &servers {
+        s.expect_joins.store(false, Ordering::Relaxed);
+    }
+    let before = accepted(&servers);
+    let status = d.status();
+    let reloads = status["reloads"].as_u64().expect("reloads");
+    let errors = across(&tb.client, 30, false, alternate, || {
+        d.write_config(&cfg(&[1, 2, 4]));
+        d.hup();
+        wait_until(Duration::from_secs(10), "the reload", || {
+            (d.status()["reloads"].as_u64() == Some(reloads + 1)).then_some(())
+        });
+    });
+    let after = accepted(&servers);
+    let on_removed = after[2] - before[2];
+    println!(
+        "reload under load: {} of 30 held connections were on the removed backend, {} failed",
+        on_removed,
+        errors.len()
+    );
+    assert_eq!(
+        errors.len(),
+        on_removed,
+        "exactly the connections to the removed backend broke: {errors:?}"
+    );
+    assert!(on_removed < 30, "some connections were on kept backends");
+    d.wait_state(
+        "web",
+        &backend_addr4(4).to_string(),
+        "active",
+        Duration::from_secs(10),
+    );
+    println!("t={} ms", t0.elapsed().as_millis());
+    let before = accepted(&servers);
+    let errors = run_clients(&tb.client, 60, 6, false, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    let after = accepted(&servers);
+    let got: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("60 new connections after the reload: {got:?}");
+    assert_eq!(got[2], 0, "the removed backend gets nothing");
+    assert!(got[3] > 0, "the added backend takes its share");
+
+    println!("t={} ms", t0.elapsed().as_millis());
+    // A bad file: refused, counted, the running configuration stays.
+    d.write_config(&cfg(&[1, 2, 4]).replace("hash_seed", "hash_sed"));
+    let out = d.cli(&["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `hash_sed`"), "{err}");
+    let s = d.status();
+    assert_eq!(s["reload_failures"], 1);
+    assert!(
+        s["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lb.toml")),
+        "{s}"
+    );
+    let errors = run_clients(&tb.client, 10, 5, false, alternate);
+    assert!(errors.is_empty(), "still forwarding: {errors:?}");
+
+    println!("t={} ms", t0.elapsed().as_millis());
+    // SIGTERM: a clean exit that leaves the dataplane forwarding.
+    assert!(d.term(), "clean exit on SIGTERM");
+    assert!(attached_prog(&tb.lb, "lb0").is_some());
+    let errors = run_clients(&tb.client, 10, 5, true, alternate);
+    assert!(errors.is_empty(), "forwarding after SIGTERM: {errors:?}");
+    println!("t={} ms", t0.elapsed().as_millis());
+    // `mptcp-lb detach` removes it.
+    let out = d.cli(&["detach", "--pin-path", d.pin_path.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(5), "the program to detach", || {
+        attached_prog(&tb.lb, "lb0").is_none().then_some(())
+    });
+}
+
+/// Health checks: a backend whose MPTCP is off fails `mptcp` but passes `tcp`; a backend
+/// whose server stops is down within interval x fall + 1 s and new connections avoid
+/// it; it comes back after `rise` successes. Drains from the CLI show at once.
+#[test]
+fn health_checks_and_drain() {
+    if !privileged("health_checks_and_drain") {
+        return;
+    }
+    let tb = Testbed::new("mlb-hlt", 3);
+    tb.backends[2].sysctl("net.mptcp.enabled", "0");
+    let s1 = serve(&tb.backends[0]);
+    let s2 = serve(&tb.backends[1]);
+    let _s3 = serve(&tb.backends[2]);
+    let tag = "hlt";
+    let services = format!(
+        "{}\n{}",
+        Testbed::service_toml("web", &[1, 2, 3], &health("mptcp")),
+        Testbed::service_toml("plain", &[3], &health("tcp"))
+            .replace(&format!(":{}/tcp", 80), ":8080/tcp")
+    );
+    let d = Daemon::start(&tb.lb, tag, &Testbed::daemon_config(tag, &services));
+    let (b1, b2, b3) = (
+        backend_addr4(1).to_string(),
+        backend_addr4(2).to_string(),
+        backend_addr4(3).to_string(),
+    );
+    d.wait_state("web", &b1, "active", Duration::from_secs(10));
+    d.wait_state("web", &b2, "active", Duration::from_secs(10));
+    d.wait_state("plain", &b3, "active", Duration::from_secs(10));
+    // Several intervals later, the MPTCP-less backend is still down for `web`.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(d.backend_state("web", &b3).as_deref(), Some("down"));
+    assert!(d.log().contains("fell back to TCP"), "{}", d.log());
+
+    // Backend 2's server stops: down within interval x fall + 1 s = 1.6 s.
+    let stopped = Instant::now();
+    drop(s2);
+    d.wait_state("web", &b2, "down", Duration::from_secs(5));
+    let took = stopped.elapsed();
+    println!(
+        "backend 2 marked down {} ms after its server stopped",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_millis(200 * 3 + 1000), "{took:?}");
+    let before = s1.accepted.load(Ordering::Relaxed);
+    let errors = run_clients(&tb.client, 30, 5, true, alternate);
+    assert!(
+        errors.is_empty(),
+        "new connections avoid the down backend: {errors:?}"
+    );
+    assert_eq!(
+        s1.accepted.load(Ordering::Relaxed) - before,
+        30,
+        "all on backend 1"
+    );
+
+    // It comes back after `rise` successes.
+    let _s2 = serve(&tb.backends[1]);
+    d.wait_state("web", &b2, "active", Duration::from_secs(5));
+
+    // Drain backend 1 from the CLI with connections held open: they complete, new ones
+    // go to backend 2 only, and `inspect backends` shows it at once.
+    let s1_before = s1.accepted.load(Ordering::Relaxed);
+    let errors = across(&tb.client, 20, true, alternate, || {
+        let out = d.cli(&["backend", "drain", "web", &b1]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("web {b1}: draining")
+        );
+        let rows = d.json(&["inspect", "backends", "--json", "--service", "web"]);
+        let row = rows
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["address"] == b1.as_str())
+            .expect("backend 1 listed")
+            .clone();
+        assert_eq!(row["state"], "draining");
+        assert_eq!(row["drained_by"][0], "operator");
+        assert_eq!(row["maglev_slots"], 0);
+    });
+    assert!(
+        errors.is_empty(),
+        "held connections survive the drain: {errors:?}"
+    );
+    let held_on_1 = s1.accepted.load(Ordering::Relaxed) - s1_before;
+    let errors = run_clients(&tb.client, 20, 5, true, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        s1.accepted.load(Ordering::Relaxed) - s1_before,
+        held_on_1,
+        "no new connection reaches the drained backend"
+    );
+    // Unknown names are refused with a clear message and a non-zero exit.
+    let out = d.cli(&["backend", "drain", "nosuch", &b1]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nosuch\""));
+    let out = d.cli(&["backend", "drain", "web", "10.9.9.9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("service \"web\" has no backend 10.9.9.9")
+    );
+}
