@@ -41,6 +41,29 @@ fn attached_prog(ns: &Netns, dev: &str) -> Option<u32> {
     out[at..].split_whitespace().next()?.parse().ok()
 }
 
+const METRICS: &str = "127.0.0.1:9640";
+
+/// GET /metrics from the daemon in `ns`.
+fn scrape(ns: &Netns) -> String {
+    ns.within(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(METRICS).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        out
+    })
+}
+
+/// The value of the sample named exactly `name` (with its labels).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
 fn health(kind: &str) -> String {
     format!(
         "{{ kind = \"{kind}\", port = {HEALTH_PORT}, interval_ms = 200, timeout_ms = 150, rise = 2, fall = 3 }}"
@@ -87,7 +110,12 @@ fn restart_under_load_and_reload() {
     }
     let tag = "dmn";
     let hc = health("mptcp");
-    let cfg = |ids: &[usize]| Testbed::daemon_config(tag, &Testbed::service_toml("web", ids, &hc));
+    let cfg = |ids: &[usize]| {
+        Testbed::daemon_config(tag, &Testbed::service_toml("web", ids, &hc)).replace(
+            "[balancer]",
+            &format!("[balancer]\nmetrics_listen = \"{METRICS}\""),
+        )
+    };
     let mut d = Daemon::start(&tb.lb, tag, &cfg(&[1, 2, 3]));
     for i in 1..=3 {
         d.wait_state(
@@ -231,6 +259,40 @@ fn restart_under_load_and_reload() {
     );
     let errors = run_clients(&tb.client, 10, 5, false, alternate);
     assert!(errors.is_empty(), "still forwarding: {errors:?}");
+    // The same file again: nothing to rewrite.
+    d.write_config(&cfg(&[1, 2, 4]));
+    let out = d.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("backends +0 -0") && said.contains(" 0 Maglev slots rewritten"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Metrics: summed dataplane counters, per-backend traffic and health, reloads.
+    let text = scrape(&tb.lb);
+    for expected in [
+        "mptcp_lb_backend_healthy{service=\"web\",backend=\"10.0.14.2\"} 1",
+        "mptcp_lb_backend_state{service=\"web\",backend=\"10.0.11.2\",state=\"active\"} 1",
+        "mptcp_lb_config_reloads_total 2",
+        "mptcp_lb_config_reload_failures_total 1",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    let joins = metric(
+        &text,
+        "mptcp_lb_dataplane_events_total{event=\"join_routed\"}",
+    );
+    assert!(joins >= 70, "join_routed {joins}");
+    // The removed backend's tokens were dropped with it; the others remain.
+    let on_3 = records(&servers[2]).iter().filter(|r| r.token != 0).count() as u64;
+    assert_eq!(metric(&text, "mptcp_lb_token_table_entries"), 70 - on_3);
+    assert!(
+        metric(
+            &text,
+            "mptcp_lb_backend_packets_total{service=\"web\",backend=\"10.0.14.2\"}"
+        ) > 0
+    );
 
     println!("t={} ms", t0.elapsed().as_millis());
     // SIGTERM: a clean exit that leaves the dataplane forwarding.
