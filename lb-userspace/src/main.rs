@@ -69,8 +69,12 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
-    /// Load the dataplane programs into the kernel (verifier check) without attaching.
-    Check,
+    /// Load the dataplane programs into the kernel (verifier check) without attaching;
+    /// with --config, validate that configuration file instead.
+    Check {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Remove the balancer: unpin its link and maps (the program detaches, forwarding
     /// stops, connection and token tables are gone).
     Detach {
@@ -267,7 +271,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_path,
             json,
         } => inspect_cmd(what, &pin_path, json)?,
-        Command::Check => {
+        Command::Check { config: Some(path) } => {
+            let c =
+                lb_userspace::config::Config::load(&path, lb_userspace::daemon::interface_exists)?;
+            let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: valid ({} services, {backends} backends)",
+                path.display(),
+                c.services.len()
+            );
+        }
+        Command::Check { config: None } => {
             let mut ebpf = loader::open()?;
             for name in [loader::PROG_BALANCER, loader::PROG_DECAP, loader::PROG_PASS] {
                 let prog: &mut aya::programs::Xdp = ebpf

@@ -3,24 +3,32 @@
 //! directory of its own.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::netns::{Netns, wait_until};
 
-/// The `mptcp-lb` binary of this build (cargo puts it beside the test's deps dir).
+/// The `mptcp-lb` binary of this build: `$MPTCP_LB_BIN`, else beside this executable
+/// (a bin) or one directory up (a test, which runs from `deps/`).
 pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MPTCP_LB_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("mptcp-lb");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p lb-userspace; cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [dir.join("mptcp-lb"), dir.join("../mptcp-lb")];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no mptcp-lb binary beside {}: build it first (cargo build -p lb-userspace; cargo xtask test does)",
+                exe.display()
+            )
+        })
 }
 
 pub struct Daemon {

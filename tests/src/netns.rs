@@ -40,6 +40,14 @@ impl Netns {
         ns
     }
 
+    /// A handle on a namespace someone else created (`ip netns add`); it is not removed
+    /// when the handle goes (forget it rather than drop it).
+    pub fn existing(name: &str) -> std::mem::ManuallyDrop<Netns> {
+        std::mem::ManuallyDrop::new(Netns {
+            name: name.to_string(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -285,15 +285,21 @@ pub struct ConnRecord {
     pub token: u32,
     /// Address family (4 or 6) of each subflow's remote address, initial one first.
     pub subflow_families: Vec<u8>,
+    /// The client's address of each subflow (which path it took).
+    pub subflow_peers: Vec<IpAddr>,
+    /// The client's address and port of the first subflow (v4-mapped for IPv4).
+    pub peer: Option<SocketAddr>,
 }
 
 /// A server on a backend: reads UPLOAD bytes, answers DOWNLOAD bytes. With
-/// `expect_joins` set it waits (deadline 10 s) until the connection has a second subflow
-/// before answering, so what it records is the connection's final shape.
+/// `expect_joins` set it waits (up to `join_wait_ms`, default 10 s) until the connection
+/// has a second subflow before answering, so what it records is the connection's final
+/// shape.
 pub struct Server {
     pub accepted: Arc<AtomicUsize>,
     pub records: Arc<Mutex<Vec<ConnRecord>>>,
     pub expect_joins: Arc<AtomicBool>,
+    pub join_wait_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -305,6 +311,19 @@ impl Drop for Server {
 
 fn mptcp_socket(domain: Domain) -> std::io::Result<Socket> {
     Socket::new(domain, Type::STREAM, Some(Protocol::from(IPPROTO_MPTCP)))
+}
+
+/// The address of a sockaddr_in/sockaddr_in6 (v4-mapped ones as IPv4).
+fn sockaddr_ip(raw: &[u8]) -> Option<IpAddr> {
+    match u16::from_ne_bytes([raw[0], raw[1]]) as i32 {
+        libc::AF_INET => Some(IpAddr::from([raw[4], raw[5], raw[6], raw[7]])),
+        libc::AF_INET6 => {
+            let a: [u8; 16] = raw[8..24].try_into().ok()?;
+            let v6 = Ipv6Addr::from(a);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
 }
 
 fn sockaddr_family_addr(raw: &[u8]) -> u8 {
@@ -362,16 +381,21 @@ pub fn mptcp_shape(sock: &impl std::os::fd::AsRawFd) -> ConnRecord {
     if rc != 0 {
         return ConnRecord {
             token,
-            subflow_families: Vec::new(),
+            ..Default::default()
         };
     }
     let n = u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes")) as usize;
     let families = (0..n.min(8))
         .map(|k| sockaddr_family_addr(&buf[16 + k * ENTRY + 128..]))
         .collect();
+    let peers = (0..n.min(8))
+        .filter_map(|k| sockaddr_ip(&buf[16 + k * ENTRY + 128..]))
+        .collect();
     ConnRecord {
         token,
         subflow_families: families,
+        subflow_peers: peers,
+        peer: None,
     }
 }
 
@@ -401,6 +425,8 @@ pub fn serve(ns: &Netns) -> Server {
     let accepted = Arc::new(AtomicUsize::new(0));
     let records = Arc::new(Mutex::new(Vec::new()));
     let expect_joins = Arc::new(AtomicBool::new(false));
+    let join_wait_ms = Arc::new(std::sync::atomic::AtomicU64::new(10_000));
+    let jw = join_wait_ms.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let (a, r, e, s) = (
         accepted.clone(),
@@ -419,9 +445,9 @@ pub fn serve(ns: &Netns) -> Server {
                 drop(probe);
             }
             match listener.accept() {
-                Ok((mut conn, _)) => {
+                Ok((mut conn, peer)) => {
                     a.fetch_add(1, Ordering::Relaxed);
-                    let (r, wait) = (r.clone(), e.load(Ordering::Relaxed));
+                    let (r, wait, w) = (r.clone(), e.load(Ordering::Relaxed), jw.clone());
                     std::thread::spawn(move || {
                         conn.set_nonblocking(false).expect("blocking");
                         conn.set_read_timeout(Some(Duration::from_secs(20)))
@@ -433,12 +459,14 @@ pub fn serve(ns: &Netns) -> Server {
                             return;
                         }
                         let mut shape = mptcp_shape(&conn);
-                        let deadline = Instant::now() + Duration::from_secs(10);
+                        let deadline =
+                            Instant::now() + Duration::from_millis(w.load(Ordering::Relaxed));
                         while wait && shape.subflow_families.len() < 2 && Instant::now() < deadline
                         {
                             std::thread::sleep(Duration::from_millis(5));
                             shape = mptcp_shape(&conn);
                         }
+                        shape.peer = Some(peer);
                         r.lock().expect("records").push(shape);
                         let reply: Vec<u8> = (0..DOWNLOAD).map(|i| (i % 253) as u8).collect();
                         let _ = conn.write_all(&reply);
@@ -458,6 +486,7 @@ pub fn serve(ns: &Netns) -> Server {
         accepted,
         records,
         expect_joins,
+        join_wait_ms,
         stop,
     }
 }
@@ -465,7 +494,8 @@ pub fn serve(ns: &Netns) -> Server {
 /// One client connection (MPTCP or plain TCP): the upload in two halves (`between` runs
 /// in the middle, to change something while the connection is established), then the
 /// whole download, checked byte by byte.
-pub fn exchange(vip: IpAddr, mptcp: bool, between: impl FnOnce()) -> Result<(), String> {
+/// Returns the client's address and port of the first subflow.
+pub fn exchange(vip: IpAddr, mptcp: bool, between: impl FnOnce()) -> Result<SocketAddr, String> {
     let addr = SocketAddr::new(vip, PORT);
     // MPTCP clients use a dual-stack IPv6 socket (IPv4 VIPs as v4-mapped addresses): the
     // kernel lets one connection mix address families only on an AF_INET6 socket.
@@ -486,6 +516,7 @@ pub fn exchange(vip: IpAddr, mptcp: bool, between: impl FnOnce()) -> Result<(), 
     sock.connect_timeout(&SockAddr::from(target), Duration::from_secs(5))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let mut c: std::net::TcpStream = sock.into();
+    let local = c.local_addr().map_err(|e| e.to_string())?;
     c.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let upload: Vec<u8> = (0..UPLOAD).map(|i| (i % 251) as u8).collect();
@@ -500,7 +531,7 @@ pub fn exchange(vip: IpAddr, mptcp: bool, between: impl FnOnce()) -> Result<(), 
     if got.iter().enumerate().any(|(i, b)| *b != (i % 253) as u8) {
         return Err(format!("corrupted reply from {addr}"));
     }
-    Ok(())
+    Ok(local)
 }
 
 /// `n` connections from the client, `parallel` at a time; `vip_of(k)` picks each one's VIP.

@@ -1,5 +1,6 @@
 //! Developer tasks for mptcp-lb: `cargo xtask <task>`.
 
+mod deploy;
 mod setup;
 
 use std::{
@@ -36,8 +37,53 @@ enum Task {
     /// Benchmark the dataplane with BPF_PROG_TEST_RUN: ns/packet per traffic class
     /// beside the floor (a bare XDP_PASS program) measured in the same run.
     Bench,
-    /// Show MPTCP subflow affinity end to end in network namespaces.
-    Demo,
+    /// Show MPTCP subflow affinity end to end: testbed, load balancer, 20 MPTCP
+    /// connections with a second subflow each, awareness on, then off.
+    Demo {
+        /// Leave the testbed and the daemon running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The network-namespace testbed: client (wifi, cell), router, load balancer, three
+    /// MPTCP backends.
+    Testbed {
+        #[arg(value_parser = ["up", "down", "status"])]
+        action: String,
+    },
+    /// Build in release, install mptcp-lb and its configuration, start it (systemd, or
+    /// in the background), wait until it reports the program attached. Run again to
+    /// upgrade in place without a forwarding gap.
+    Deploy(deploy::DeployArgs),
+    /// Stop the daemon, detach the dataplane, remove the unit and configuration.
+    Undeploy(deploy::UndeployArgs),
+}
+
+/// Builds the debug `mptcp-lb` and the lab, then runs `lab <args>`.
+fn lab(args: &[&str]) -> anyhow::Result<()> {
+    setup::ensure(false)?;
+    run(
+        "build mptcp-lb and the lab",
+        cargo().args([
+            "build",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "mptcp-lb",
+            "-p",
+            "mptcp-lb-tests",
+            "--bin",
+            "lab",
+        ]),
+    )?;
+    let bin = workspace_root().join("target/debug/lab");
+    let status = Command::new(&bin)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !status.success() {
+        bail!("lab {} failed ({status})", args.join(" "));
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
@@ -140,10 +186,18 @@ fn test() -> anyhow::Result<()> {
         }
         println!("xtask: not root: the privileged tests will report themselves as skipped");
     }
-    // The daemon and CLI tests run the real binary.
+    // The daemon, CLI and deploy tests run the real binaries.
     run(
-        "build the mptcp-lb binary",
-        cargo().args(["build", "-p", "lb-userspace", "--bin", "mptcp-lb"]),
+        "build the mptcp-lb and xtask binaries",
+        cargo().args([
+            "build",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "mptcp-lb",
+            "-p",
+            "xtask",
+        ]),
     )?;
     run_tests(
         "privileged tests (kernel loads, packet fixtures, network namespaces)",
@@ -193,15 +247,23 @@ fn main() -> anyhow::Result<()> {
                 ]),
             )
         }
-        Task::Demo => {
-            println!(
-                "The demo is not built yet. It will bring up a client with two paths, an edge \
-                 router, the XDP load balancer and three MPTCP backends in network namespaces, \
-                 open about 20 MPTCP connections with a second subflow each, and show every \
-                 subflow landing on its connection's backend (and the resets without MPTCP \
-                 awareness). Meanwhile `cargo xtask test` runs what exists."
-            );
-            Ok(())
-        }
+        Task::Demo { keep } => lab(if keep { &["demo", "--keep"] } else { &["demo"] }),
+        Task::Testbed { action } => lab(&[action.as_str()]),
+        Task::Deploy(args) => deploy::deploy(&args, || {
+            setup::ensure(false)?;
+            run(
+                "release build of mptcp-lb",
+                cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "lb-userspace",
+                    "--bin",
+                    "mptcp-lb",
+                ]),
+            )?;
+            Ok(workspace_root().join("target/release/mptcp-lb"))
+        }),
+        Task::Undeploy(args) => deploy::undeploy(&args),
     }
 }

@@ -1,0 +1,561 @@
+//! The lab behind `cargo xtask demo` and `cargo xtask testbed up|down|status`: the same
+//! network-namespace testbed the end-to-end tests use (`mptcp_lb_tests::testbed`), the
+//! real `mptcp-lb` binary as its load balancer, and real MPTCP clients and servers.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use mptcp_lb_tests::{
+    daemon::{Daemon, binary},
+    netns::Netns,
+    testbed::{
+        ConnRecord, HEALTH_PORT, Server, Testbed, VIP4, VIP6, backend_addr4, exchange, serve,
+    },
+};
+
+const USAGE: &str = "usage: lab demo [--keep] | lab up | lab down | lab status";
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("lab: needs root (network namespaces, BPF); try: sudo -E cargo xtask ...");
+        return std::process::ExitCode::FAILURE;
+    }
+    let r = match args.as_slice() {
+        ["demo"] => demo(false),
+        ["demo", "--keep"] => demo(true),
+        ["up"] => up(),
+        ["down"] => down(),
+        ["status"] => status(),
+        ["serve", ns, records] => serve_forever(ns, records),
+        _ => {
+            eprintln!("{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lab: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Namespaces of the persistent testbed (`lab up`) and of the demo.
+const TESTBED: &str = "mlb-tb";
+const DEMO: &str = "mlb-demo";
+const SERVICE: &str = "web";
+
+fn step(started: Instant, what: &str) {
+    println!("[{:5.1}s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// MPTCP paths: backends announce the IPv6 VIP (so IPv4 connections join across
+/// families), the client opens a second subflow from its wifi IPv6 address.
+fn mptcp_paths(tb: &Testbed) {
+    for be in &tb.backends {
+        be.run(&[
+            "ip",
+            "mptcp",
+            "endpoint",
+            "add",
+            &VIP6.to_string(),
+            "dev",
+            "lo",
+            "signal",
+        ]);
+    }
+    tb.client.run(&[
+        "ip",
+        "mptcp",
+        "endpoint",
+        "add",
+        "fd00:1:1::2",
+        "dev",
+        "wifi0",
+        "subflow",
+    ]);
+}
+
+fn config(tag: &str) -> String {
+    let health = format!(
+        "{{ kind = \"mptcp\", port = {HEALTH_PORT}, interval_ms = 500, timeout_ms = 300, rise = 1, fall = 2 }}"
+    );
+    Testbed::daemon_config(tag, &Testbed::service_toml(SERVICE, &[1, 2, 3], &health))
+}
+
+fn backend_name(addr: IpAddr) -> String {
+    (1..=3)
+        .find(|i| IpAddr::V4(backend_addr4(*i)) == addr)
+        .map_or(addr.to_string(), |i| format!("be{i} ({addr})"))
+}
+
+/// An IPv4 address as itself, not v4-mapped.
+fn plain(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// "wifi/IPv4", "cell/IPv6": which of the client's paths an address belongs to.
+fn path_of(a: IpAddr) -> String {
+    let s = a.to_string();
+    let path = if s.starts_with("10.1.1.") || s.starts_with("fd00:1:1:") {
+        "wifi"
+    } else if s.starts_with("10.1.2.") || s.starts_with("fd00:1:2:") {
+        "cell"
+    } else {
+        "?"
+    };
+    format!("{path}/IPv{}", if a.is_ipv4() { 4 } else { 6 })
+}
+
+struct Outcome {
+    vip: IpAddr,
+    client: Result<SocketAddr, String>,
+}
+
+/// `n` MPTCP connections, alternating the IPv4 and IPv6 VIP, all at once.
+fn connections(tb: &Testbed, n: usize) -> Vec<Outcome> {
+    let handles: Vec<_> = (0..n)
+        .map(|k| {
+            let vip = if k % 2 == 0 {
+                IpAddr::V4(VIP4)
+            } else {
+                IpAddr::V6(VIP6)
+            };
+            (vip, tb.client.enter(move || exchange(vip, true, || {})))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|(vip, h)| Outcome {
+            vip,
+            client: h
+                .join()
+                .unwrap_or_else(|_| Err("client thread panicked".into())),
+        })
+        .collect()
+}
+
+/// Prints the per-connection table; returns (connections whose every subflow reached
+/// its connection's backend, connections).
+fn report(
+    outcomes: &[Outcome],
+    servers: &[Server],
+    seen_before: &[usize],
+    lb_choice: &HashMap<SocketAddr, String>,
+) -> (usize, usize) {
+    // Backend records by the client's first-subflow address.
+    let mut served: HashMap<SocketAddr, (usize, ConnRecord)> = HashMap::new();
+    for (i, s) in servers.iter().enumerate() {
+        for r in s
+            .records
+            .lock()
+            .expect("records")
+            .iter()
+            .skip(seen_before[i])
+        {
+            if let Some(p) = r.peer {
+                served.insert(plain(p), (i + 1, r.clone()));
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    let mut good = 0;
+    for (k, o) in outcomes.iter().enumerate() {
+        let family = if o.vip.is_ipv4() { "IPv4" } else { "IPv6" };
+        let (client, rec) = match &o.client {
+            Ok(a) => (plain(*a), served.get(&plain(*a))),
+            Err(e) => {
+                rows.push(vec![
+                    (k + 1).to_string(),
+                    family.into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("FAILED: {e}"),
+                ]);
+                continue;
+            }
+        };
+        let chose = lb_choice
+            .get(&client)
+            .cloned()
+            .unwrap_or_else(|| "?".into());
+        let (token, by, subflows, verdict) = match rec {
+            None => (
+                "-".into(),
+                "?".into(),
+                "-".into(),
+                "not seen on any backend".into(),
+            ),
+            Some((be, r)) => {
+                let fams: Vec<String> = r.subflow_peers.iter().map(|a| path_of(*a)).collect();
+                let (subflows, verdict) = if r.subflow_families.len() >= 2 {
+                    good += 1;
+                    (fams.join(" + "), format!("ok: both subflows on be{be}"))
+                } else {
+                    (
+                        format!("{} only", fams.join(" + ")),
+                        "JOIN RESET: 2nd subflow sent to a backend without its token".into(),
+                    )
+                };
+                (
+                    format!("{:08x}", r.token),
+                    format!("be{be}"),
+                    subflows,
+                    verdict,
+                )
+            }
+        };
+        rows.push(vec![
+            (k + 1).to_string(),
+            family.into(),
+            client.to_string(),
+            token,
+            chose,
+            by,
+            subflows,
+            verdict,
+        ]);
+    }
+    print!(
+        "{}",
+        lb_userspace::inspect::table(
+            &[
+                "#",
+                "VIP",
+                "CLIENT",
+                "TOKEN",
+                "LB CHOSE",
+                "SERVED BY",
+                "SUBFLOWS",
+                "VERDICT"
+            ],
+            &rows
+        )
+    );
+    (good, outcomes.len())
+}
+
+/// The load balancer's choice per client first-subflow address, from `inspect conns`.
+fn lb_choices(d: &Daemon) -> HashMap<SocketAddr, String> {
+    let conns = d.json(&["inspect", "conns", "--json"]);
+    conns
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let client: SocketAddr = c["client"].as_str()?.parse().ok()?;
+            let be: IpAddr = c["backend"].as_str()?.parse().ok()?;
+            let name = backend_name(be);
+            Some((
+                client,
+                name.split(' ').next().unwrap_or_default().to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn show_cli(d: &Daemon, args: &[&str]) {
+    let out = d.cli(args);
+    println!("$ mptcp-lb {}", args.join(" "));
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn join_resets(tb: &Testbed) -> Vec<u64> {
+    tb.backends
+        .iter()
+        .map(|b| {
+            b.nstat()
+                .get("MPTcpExtMPJoinNoTokenFound")
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+fn demo(keep: bool) -> Result<(), String> {
+    let t = Instant::now();
+    let n = 20;
+    step(
+        t,
+        "building the testbed: client (wifi + cell paths), router, load balancer, 3 MPTCP backends",
+    );
+    let tb = Testbed::new(DEMO, 3);
+    mptcp_paths(&tb);
+    let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    for s in &servers {
+        s.expect_joins.store(true, Ordering::Relaxed);
+        s.join_wait_ms.store(3000, Ordering::Relaxed);
+    }
+    step(
+        t,
+        "starting mptcp-lb in the load balancer's namespace (generated configuration)",
+    );
+    let d = Daemon::start(&tb.lb, "demo", &config("demo"));
+    for i in 1..=3 {
+        d.wait_state(
+            SERVICE,
+            &backend_addr4(i).to_string(),
+            "active",
+            Duration::from_secs(15),
+        );
+    }
+    step(t, "all 3 backends pass their MPTCP health check");
+    println!();
+    show_cli(&d, &["status"]);
+    println!();
+
+    step(
+        t,
+        &format!("opening {n} MPTCP connections (IPv4 and IPv6 VIP), each adds a second subflow"),
+    );
+    let before: Vec<usize> = servers
+        .iter()
+        .map(|s| s.records.lock().expect("r").len())
+        .collect();
+    let resets_before = join_resets(&tb);
+    let outcomes = connections(&tb, n);
+    let choice = lb_choices(&d);
+    println!("\nWith MPTCP awareness ON (joins follow their token):");
+    let (good_on, total) = report(&outcomes, &servers, &before, &choice);
+    let resets_on: u64 = join_resets(&tb)
+        .iter()
+        .zip(&resets_before)
+        .map(|(a, b)| a - b)
+        .sum();
+    println!(
+        "=> {good_on} of {total} connections have every subflow on their backend; backends reset {resets_on} joins with an unknown token\n"
+    );
+    println!("The load balancer's own view:");
+    show_cli(&d, &["inspect", "tokens"]);
+    println!();
+    show_cli(&d, &["inspect", "stats"]);
+    println!();
+
+    step(t, "contrast: mptcp_aware = false, applied by a live reload");
+    d.write_config(&config("demo").replace("[balancer]", "[balancer]\nmptcp_aware = false"));
+    show_cli(&d, &["reload"]);
+    let before: Vec<usize> = servers
+        .iter()
+        .map(|s| s.records.lock().expect("r").len())
+        .collect();
+    let resets_before = join_resets(&tb);
+    let outcomes = connections(&tb, n);
+    let choice = lb_choices(&d);
+    println!(
+        "\nWith MPTCP awareness OFF (a classic L4 balancer: each subflow hashed on its own 5-tuple):"
+    );
+    let (good_off, _) = report(&outcomes, &servers, &before, &choice);
+    let resets: Vec<u64> = join_resets(&tb)
+        .iter()
+        .zip(&resets_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    println!(
+        "=> {good_off} of {total} connections kept their second subflow (only by luck of the hash); backends reset {} joins (MPJoinNoTokenFound per backend: {resets:?})\n",
+        resets.iter().sum::<u64>()
+    );
+
+    let ok = good_on == total && good_off < total;
+    if keep {
+        println!(
+            "--keep: the testbed stays up (namespaces {DEMO}-*; the daemon's files in {}); `cargo xtask testbed down` does not remove it, `ip -all netns delete` does",
+            d.dir.display()
+        );
+        std::mem::forget(d);
+        std::mem::forget(servers);
+        std::mem::forget(tb);
+    } else {
+        step(t, "tearing down");
+        drop(d);
+        drop(servers);
+        drop(tb);
+    }
+    step(t, "done");
+    if ok {
+        println!(
+            "RESULT: awareness on: {good_on}/{total} connections fully on one backend; off: {good_off}/{total}, the rest lost their second path"
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "unexpected result: awareness on {good_on}/{total}, off {good_off}/{total}"
+        ))
+    }
+}
+
+fn state_dir() -> PathBuf {
+    PathBuf::from("/run/mptcp-lb-testbed")
+}
+
+/// A server for `lab up`: runs until killed, appending what it saw to `records`.
+fn serve_forever(ns: &str, records: &str) -> Result<(), String> {
+    let netns = Netns::existing(ns);
+    let server = serve(&netns);
+    server.expect_joins.store(true, Ordering::Relaxed);
+    server.join_wait_ms.store(3000, Ordering::Relaxed);
+    let mut written = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let recs = server.records.lock().expect("records").clone();
+        if recs.len() > written {
+            let lines: String = recs[written..]
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{{\"token\":\"{:08x}\",\"peer\":\"{}\",\"subflows\":{}}}\n",
+                        r.token,
+                        r.peer.map(plain).map_or(String::new(), |p| p.to_string()),
+                        r.subflow_families.len()
+                    )
+                })
+                .collect();
+            use std::io::Write as _;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(records)
+                .and_then(|mut f| f.write_all(lines.as_bytes()))
+                .map_err(|e| format!("{records}: {e}"))?;
+            written = recs.len();
+        }
+    }
+}
+
+fn up() -> Result<(), String> {
+    let t = Instant::now();
+    // Up twice in a row: the second replaces the first.
+    let _ = down();
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    step(t, "namespaces: client (wifi, cell), router, lb, be1..be3");
+    let tb = Testbed::new(TESTBED, 3);
+    mptcp_paths(&tb);
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut pids = Vec::new();
+    for be in &tb.backends {
+        let records = dir.join(format!("{}.records", be.name()));
+        let log = std::fs::File::create(dir.join(format!("{}.log", be.name())))
+            .map_err(|e| e.to_string())?;
+        // Its own session and no pipe of ours: it outlives `lab up`, and whoever runs
+        // `lab up` and waits for its output is not kept waiting by it.
+        let mut cmd = std::process::Command::new(&me);
+        cmd.args(["serve", be.name(), records.to_str().unwrap_or_default()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        // SAFETY: setsid between fork and exec has no preconditions.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting the server for {}: {e}", be.name()))?;
+        pids.push(child.id());
+    }
+    step(t, "MPTCP servers on the backends (port 80, health on 81)");
+    let d = Daemon::start(&tb.lb, "testbed", &config("testbed"));
+    pids.push(d.pid());
+    for i in 1..=3 {
+        d.wait_state(
+            SERVICE,
+            &backend_addr4(i).to_string(),
+            "active",
+            Duration::from_secs(15),
+        );
+    }
+    step(
+        t,
+        "mptcp-lb running in the lb namespace, all backends active",
+    );
+    let pid_list: String = pids.iter().map(|p| format!("{p}\n")).collect();
+    std::fs::write(dir.join("pids"), pid_list).map_err(|e| e.to_string())?;
+    println!(
+        "testbed up. Try:\n  nsenter --net=/run/netns/{TESTBED}-lb {} status --socket {}\n  nsenter --net=/run/netns/{TESTBED}-client curl ... (VIPs {VIP4}:80, [{VIP6}]:80)\n  cargo xtask testbed down",
+        binary().display(),
+        d.socket.display()
+    );
+    std::mem::forget(d);
+    std::mem::forget(tb);
+    Ok(())
+}
+
+fn namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .collect()
+}
+
+fn down() -> Result<(), String> {
+    let dir = state_dir();
+    if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
+        for pid in pids.lines().filter_map(|l| l.parse::<i32>().ok()) {
+            // SAFETY: kill with a pid we started (a stale one is at worst ESRCH).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let (ddir, _, pins) = Daemon::paths("testbed");
+    let _ = lb_userspace::pins::remove(&pins);
+    let _ = std::fs::remove_dir_all(ddir);
+    for ns in namespaces(TESTBED) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &ns])
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{TESTBED}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let left = namespaces(TESTBED);
+    if left.is_empty() {
+        println!("testbed down: no {TESTBED}-* namespace or process left");
+        Ok(())
+    } else {
+        Err(format!("namespaces left behind: {left:?}"))
+    }
+}
+
+fn status() -> Result<(), String> {
+    let ns = namespaces(TESTBED);
+    if ns.is_empty() {
+        println!("testbed down");
+        return Ok(());
+    }
+    println!("namespaces: {}", ns.join(" "));
+    let pids = std::fs::read_to_string(state_dir().join("pids")).unwrap_or_default();
+    for pid in pids.lines() {
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        println!("process {pid}: {}", if alive { "running" } else { "gone" });
+    }
+    let (_, socket, _) = Daemon::paths("testbed");
+    let out = std::process::Command::new(binary())
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .output()
+        .map_err(|e| e.to_string())?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! What a newcomer and an operator run first: the demo, the testbed's up/down cycle, and
+//! `cargo xtask deploy` into a namespace, twice, under load, without a forwarding gap.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use mptcp_lb_tests::{
+    daemon::binary,
+    privileged,
+    testbed::{Testbed, alternate, run_clients, serve},
+};
+
+fn lab(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(args)
+        .output()
+        .expect("run lab");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+#[test]
+fn the_demo_shows_affinity_on_and_resets_off() {
+    if !privileged("the_demo_shows_affinity_on_and_resets_off") {
+        return;
+    }
+    let started = Instant::now();
+    let (ok, out) = lab(&["demo"]);
+    println!("{out}");
+    assert!(ok, "the demo failed");
+    assert!(
+        out.contains("RESULT: awareness on: 20/20 connections fully on one backend"),
+        "{out}"
+    );
+    assert!(
+        out.contains("JOIN RESET"),
+        "awareness off shows resets: {out}"
+    );
+    assert!(namespaces("mlb-demo-").is_empty(), "the demo tears down");
+    println!("demo took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn testbed_up_twice_then_down_leaves_nothing() {
+    if !privileged("testbed_up_twice_then_down_leaves_nothing") {
+        return;
+    }
+    let (ok, out) = lab(&["up"]);
+    assert!(ok, "{out}");
+    let (ok, out) = lab(&["up"]);
+    assert!(ok, "up twice in a row: {out}");
+    let (ok, out) = lab(&["status"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("mlb-tb-lb") && out.contains("web"), "{out}");
+    let pids: Vec<String> = std::fs::read_to_string("/run/mptcp-lb-testbed/pids")
+        .expect("pid file")
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(pids.len(), 4, "three servers and the daemon");
+    let (ok, out) = lab(&["down"]);
+    assert!(ok, "{out}");
+    assert!(namespaces("mlb-tb-").is_empty(), "namespaces left: {out}");
+    for p in pids {
+        // A killed child of ours is a zombie until reaped by init; check its state.
+        let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let alive = !state.is_empty() && !state.contains(") Z ");
+        assert!(!alive, "process {p} left behind");
+    }
+}
+
+fn xtask() -> PathBuf {
+    let bin = binary().with_file_name("xtask");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p xtask",
+        bin.display()
+    );
+    bin
+}
+
+fn deploy(config: &str, prefix: &str) -> String {
+    let out = Command::new(xtask())
+        .args([
+            "deploy",
+            "--iface",
+            "lb0",
+            "--mode",
+            "generic",
+            "--netns",
+            "mlb-dep-lb",
+            "--config",
+            config,
+            "--prefix",
+            prefix,
+            "--binary",
+        ])
+        .arg(binary())
+        .output()
+        .expect("xtask deploy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "deploy failed:\n{text}");
+    text
+}
+
+#[test]
+fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
+    if !privileged("deploy_into_a_namespace_then_upgrade_without_a_gap") {
+        return;
+    }
+    let tb = Testbed::new("mlb-dep", 3);
+    let _servers: Vec<_> = tb.backends.iter().map(serve).collect();
+    let prefix = "/tmp/mlb-deploy-test";
+    let _ = std::fs::remove_dir_all(prefix);
+    let config = format!("{prefix}.toml");
+    std::fs::write(
+        &config,
+        Testbed::daemon_config("dep", &Testbed::service_toml("web", &[1, 2, 3], ""))
+            .replace("interface = \"lb0\"", "interface = \"eth9\""),
+    )
+    .expect("config");
+
+    // --iface overrides the file's interface; the daemon reports the program attached.
+    let first = deploy(&config, prefix);
+    println!("{first}");
+    assert!(first.contains("attached to lb0 (XDP generic)"), "{first}");
+    assert!(
+        first.contains("started the daemon in the background"),
+        "{first}"
+    );
+    let errors = run_clients(&tb.client, 30, 5, false, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // Deploy again while clients keep connecting: not one connection fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, done) = (stop.clone(), done.clone());
+        let client = tb.client.name().to_string();
+        std::thread::spawn(move || {
+            let ns = mptcp_lb_tests::netns::Netns::existing(&client);
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                errors.extend(run_clients(&ns, 8, 4, true, alternate));
+                done.fetch_add(8, Ordering::Relaxed);
+            }
+            errors
+        })
+    };
+    let before = done.load(Ordering::Relaxed);
+    let second = deploy(&config, prefix);
+    let during = done.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    let errors = load.join().expect("load thread");
+    println!("{second}");
+    println!(
+        "{during} connections completed while the second deploy ran; {} failed overall",
+        errors.len()
+    );
+    assert!(
+        second.contains("upgraded in place through the pinned link"),
+        "{second}"
+    );
+    assert!(second.contains("previous daemon"), "{second}");
+    assert!(
+        errors.is_empty(),
+        "connections failed during the upgrade: {errors:?}"
+    );
+    assert!(during > 0, "the load ran during the upgrade");
+
+    // Undeploy: the program is gone.
+    let link = tb.lb.run(&["ip", "-d", "link", "show", "dev", "lb0"]);
+    assert!(link.contains("prog/xdp"), "attached before undeploy");
+    let out = Command::new(xtask())
+        .args(["undeploy", "--netns", "mlb-dep-lb", "--prefix", prefix])
+        .output()
+        .expect("undeploy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mptcp_lb_tests::netns::wait_until(
+        std::time::Duration::from_secs(5),
+        "the program to detach",
+        || {
+            (!tb.lb
+                .run(&["ip", "-d", "link", "show", "dev", "lb0"])
+                .contains("prog/xdp"))
+            .then_some(())
+        },
+    );
+    let _ = std::fs::remove_dir_all(prefix);
+    let _ = std::fs::remove_file(&config);
+}
