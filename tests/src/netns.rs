@@ -82,6 +82,13 @@ impl Netns {
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
     }
 
+    /// The id of the XDP program attached to `dev`, if any (from `ip -d link`).
+    pub fn xdp_prog(&self, dev: &str) -> Option<u32> {
+        let out = self.run(&["ip", "-d", "link", "show", "dev", dev]);
+        let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
+        out[at..].split_whitespace().next()?.parse().ok()
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) {
         self.run(&["sysctl", "-qw", &format!("{key}={value}")]);
     }
@@ -263,6 +270,17 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, mtu: u32) {
     let mtu = mtu.to_string();
     a.run(&["ip", "link", "set", a_if, "mtu", &mtu, "up"]);
     b.run(&["ip", "link", "set", b_if, "mtu", &mtu, "up"]);
+}
+
+/// Names of the namespaces (`ip netns`) that start with `prefix`.
+pub fn namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `deadline`.

@@ -260,6 +260,42 @@ source_v6 = "{LB6}"
         s
     }
 
+    /// Backends announce the IPv6 VIP (an MPTCP `signal` endpoint), so IPv4 connections
+    /// add a subflow to it: their join crosses families.
+    pub fn announce_vip6(&self) {
+        for be in &self.backends {
+            be.run(&[
+                "ip",
+                "mptcp",
+                "endpoint",
+                "add",
+                &VIP6.to_string(),
+                "dev",
+                "lo",
+                "signal",
+            ]);
+        }
+    }
+
+    /// On: the client opens a second subflow from its wifi IPv6 address (a `subflow`
+    /// endpoint), also for connections already established. Off: it opens none.
+    pub fn client_joins(&self, on: bool) {
+        if on {
+            self.client.run(&[
+                "ip",
+                "mptcp",
+                "endpoint",
+                "add",
+                "fd00:1:1::2",
+                "dev",
+                "wifi0",
+                "subflow",
+            ]);
+        } else {
+            self.client.run(&["ip", "mptcp", "endpoint", "flush"]);
+        }
+    }
+
     pub fn members(ids: &[usize]) -> Vec<maglev::Member> {
         ids.iter()
             .map(|&i| maglev::Member {

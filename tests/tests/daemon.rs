@@ -34,13 +34,6 @@ fn v6(_: usize) -> IpAddr {
     IpAddr::V6(VIP6)
 }
 
-/// The XDP program id attached to `dev` in `ns` (from `ip -d link`).
-fn attached_prog(ns: &Netns, dev: &str) -> Option<u32> {
-    let out = ns.run(&["ip", "-d", "link", "show", "dev", dev]);
-    let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
-    out[at..].split_whitespace().next()?.parse().ok()
-}
-
 const METRICS: &str = "127.0.0.1:9640";
 
 /// GET /metrics from the daemon in `ns`.
@@ -70,17 +63,6 @@ fn health(kind: &str) -> String {
     )
 }
 
-const WIFI_ENDPOINT: [&str; 8] = [
-    "ip",
-    "mptcp",
-    "endpoint",
-    "add",
-    "fd00:1:1::2",
-    "dev",
-    "wifi0",
-    "subflow",
-];
-
 /// Kill -9 in the middle of 50 MPTCP transfers whose joins are opened while the daemon
 /// is dead; a new daemon adopts the pins. Then a reload that removes backend 3 and adds
 /// backend 4 under load, and a reload with a bad file.
@@ -92,18 +74,7 @@ fn restart_under_load_and_reload() {
     let t0 = Instant::now();
     let tb = Testbed::new("mlb-dmn", 4);
     // Backends announce the IPv6 VIP, so IPv4 connections join across families.
-    for be in &tb.backends {
-        be.run(&[
-            "ip",
-            "mptcp",
-            "endpoint",
-            "add",
-            &VIP6.to_string(),
-            "dev",
-            "lo",
-            "signal",
-        ]);
-    }
+    tb.announce_vip6();
     let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
@@ -125,21 +96,24 @@ fn restart_under_load_and_reload() {
             Duration::from_secs(10),
         );
     }
-    let prog = attached_prog(&tb.lb, "lb0").expect("the daemon attached XDP to lb0");
+    let prog = tb
+        .lb
+        .xdp_prog("lb0")
+        .expect("the daemon attached XDP to lb0");
 
     // 50 MPTCP connections (IPv6), established; their second subflows are opened only
     // once the daemon is dead, and they finish after a new daemon took over.
-    tb.client.run(&["ip", "mptcp", "endpoint", "flush"]);
+    tb.client_joins(false);
     let mut during_outage = Vec::new();
     let errors = across(&tb.client, 50, true, v6, || {
         let t = Instant::now();
         d.kill9();
         assert_eq!(
-            attached_prog(&tb.lb, "lb0"),
+            tb.lb.xdp_prog("lb0"),
             Some(prog),
             "the program stays attached after kill -9"
         );
-        tb.client.run(&WIFI_ENDPOINT);
+        tb.client_joins(true);
         // New connections while no daemon runs.
         during_outage = run_clients(&tb.client, 20, 5, true, alternate);
         let served = t.elapsed();
@@ -160,7 +134,7 @@ fn restart_under_load_and_reload() {
         during_outage.is_empty(),
         "connections while the daemon was down: {during_outage:?}"
     );
-    let new_prog = attached_prog(&tb.lb, "lb0").expect("still attached");
+    let new_prog = tb.lb.xdp_prog("lb0").expect("still attached");
     println!("program {prog} replaced by {new_prog} through the pinned link");
     // Every connection, the held ones included, has both subflows on one backend: a
     // join sent elsewhere would have been reset (no second subflow recorded).
@@ -297,7 +271,7 @@ fn restart_under_load_and_reload() {
     println!("t={} ms", t0.elapsed().as_millis());
     // SIGTERM: a clean exit that leaves the dataplane forwarding.
     assert!(d.term(), "clean exit on SIGTERM");
-    assert!(attached_prog(&tb.lb, "lb0").is_some());
+    assert!(tb.lb.xdp_prog("lb0").is_some());
     let errors = run_clients(&tb.client, 10, 5, true, alternate);
     assert!(errors.is_empty(), "forwarding after SIGTERM: {errors:?}");
     println!("t={} ms", t0.elapsed().as_millis());
@@ -309,7 +283,7 @@ fn restart_under_load_and_reload() {
         String::from_utf8_lossy(&out.stderr)
     );
     wait_until(Duration::from_secs(5), "the program to detach", || {
-        attached_prog(&tb.lb, "lb0").is_none().then_some(())
+        tb.lb.xdp_prog("lb0").is_none().then_some(())
     });
 }
 

@@ -59,29 +59,8 @@ fn every_subflow_reaches_its_connections_backend() {
         return;
     }
     let tb = Testbed::new("mlb-mp", 3);
-    for be in &tb.backends {
-        be.run(&[
-            "ip",
-            "mptcp",
-            "endpoint",
-            "add",
-            &VIP6.to_string(),
-            "dev",
-            "lo",
-            "signal",
-        ]);
-    }
-    let wifi_endpoint = [
-        "ip",
-        "mptcp",
-        "endpoint",
-        "add",
-        "fd00:1:1::2",
-        "dev",
-        "wifi0",
-        "subflow",
-    ];
-    tb.client.run(&wifi_endpoint);
+    tb.announce_vip6();
+    tb.client_joins(true);
     let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
@@ -179,14 +158,14 @@ fn every_subflow_reaches_its_connections_backend() {
     assert!(c(Counter::JoinRouted) >= 200, "{}", c(Counter::JoinRouted));
     assert_eq!(c(Counter::JoinUnknownDropped), 0);
 
-    drain(&tb, &mut dp, &servers, &wifi_endpoint);
+    drain(&tb, &mut dp, &servers);
     negative_control(&tb, &mut dp, &servers);
 }
 
 /// Backend 1 drains while 30 connections are established and before they have joined:
 /// their joins still reach it, and no new connection does.
-fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server], wifi_endpoint: &[&str]) {
-    tb.client.run(&["ip", "mptcp", "endpoint", "flush"]);
+fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
+    tb.client_joins(false);
     let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
     let errors = across(&tb.client, 30, true, v6, || {
         dp.set_ring(0, &Testbed::members(&[2, 3]))
@@ -194,7 +173,7 @@ fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server], wifi_endpoint: &[
         dp.set_backend(1, IpAddr::V4(backend_addr4(1)), BACKEND_DRAINING)
             .expect("drain");
         // Only now may the established connections open their second subflows.
-        tb.client.run(wifi_endpoint);
+        tb.client_joins(true);
     });
     assert!(
         errors.is_empty(),

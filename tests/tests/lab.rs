@@ -13,6 +13,7 @@ use std::{
 
 use mptcp_lb_tests::{
     daemon::binary,
+    netns::namespaces,
     privileged,
     testbed::{Testbed, alternate, run_clients, serve},
 };
@@ -28,16 +29,6 @@ fn lab(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
-}
-
-fn namespaces(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(prefix))
-        .collect()
 }
 
 #[test]
@@ -194,8 +185,7 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
     assert!(during > 0, "the load ran during the upgrade");
 
     // Undeploy: the program is gone.
-    let link = tb.lb.run(&["ip", "-d", "link", "show", "dev", "lb0"]);
-    assert!(link.contains("prog/xdp"), "attached before undeploy");
+    assert!(tb.lb.xdp_prog("lb0").is_some(), "attached before undeploy");
     let out = Command::new(xtask())
         .args(["undeploy", "--netns", "mlb-dep-lb", "--prefix", prefix])
         .output()
@@ -208,12 +198,7 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
     mptcp_lb_tests::netns::wait_until(
         std::time::Duration::from_secs(5),
         "the program to detach",
-        || {
-            (!tb.lb
-                .run(&["ip", "-d", "link", "show", "dev", "lb0"])
-                .contains("prog/xdp"))
-            .then_some(())
-        },
+        || tb.lb.xdp_prog("lb0").is_none().then_some(()),
     );
     let _ = std::fs::remove_dir_all(prefix);
     let _ = std::fs::remove_file(&config);

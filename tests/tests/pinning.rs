@@ -13,7 +13,6 @@ use lb_userspace::{
 };
 use mptcp_lb_tests::{
     fixture::{XDP_TX, run_once},
-    netns::Netns,
     packets::*,
     privileged,
     testenv::*,
@@ -27,13 +26,6 @@ fn sizes(conn_entries: u32) -> Sizes {
         conn_entries,
         token_entries: 4096,
     }
-}
-
-/// The id of the XDP program attached to `dev`, if any (from `ip -d link`).
-fn attached_prog(ns: &Netns, dev: &str) -> Option<u32> {
-    let out = ns.run(&["ip", "-d", "link", "show", "dev", dev]);
-    let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
-    out[at..].split_whitespace().next()?.parse().ok()
 }
 
 #[test]
@@ -70,7 +62,7 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
     });
     // The process's handles are gone; the pinned link keeps the program attached.
     assert_eq!(
-        attached_prog(&env.ns, "lb0"),
+        env.ns.xdp_prog("lb0"),
         Some(first),
         "the program stays attached"
     );
@@ -97,7 +89,7 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
     });
     assert_ne!(second, first);
     assert_eq!(
-        attached_prog(&env.ns, "lb0"),
+        env.ns.xdp_prog("lb0"),
         Some(second),
         "the new program is the one attached"
     );
@@ -132,7 +124,7 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
 
     // Detach: the pins go, and with them the program.
     assert!(pins::remove(root).expect("remove pins"));
-    assert_eq!(attached_prog(&env.ns, "lb0"), None, "detached");
+    assert_eq!(env.ns.xdp_prog("lb0"), None, "detached");
     assert!(
         !pins::remove(root).expect("second remove"),
         "nothing left to remove"

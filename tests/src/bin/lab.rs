@@ -12,7 +12,7 @@ use std::{
 
 use mptcp_lb_tests::{
     daemon::{Daemon, binary},
-    netns::Netns,
+    netns::{Netns, namespaces},
     testbed::{
         ConnRecord, HEALTH_PORT, Server, Testbed, VIP4, VIP6, backend_addr4, exchange, serve,
     },
@@ -56,33 +56,6 @@ const SERVICE: &str = "web";
 
 fn step(started: Instant, what: &str) {
     println!("[{:5.1}s] {what}", started.elapsed().as_secs_f64());
-}
-
-/// MPTCP paths: backends announce the IPv6 VIP (so IPv4 connections join across
-/// families), the client opens a second subflow from its wifi IPv6 address.
-fn mptcp_paths(tb: &Testbed) {
-    for be in &tb.backends {
-        be.run(&[
-            "ip",
-            "mptcp",
-            "endpoint",
-            "add",
-            &VIP6.to_string(),
-            "dev",
-            "lo",
-            "signal",
-        ]);
-    }
-    tb.client.run(&[
-        "ip",
-        "mptcp",
-        "endpoint",
-        "add",
-        "fd00:1:1::2",
-        "dev",
-        "wifi0",
-        "subflow",
-    ]);
 }
 
 fn config(tag: &str) -> String {
@@ -298,7 +271,8 @@ fn demo(keep: bool) -> Result<(), String> {
         "building the testbed: client (wifi + cell paths), router, load balancer, 3 MPTCP backends",
     );
     let tb = Testbed::new(DEMO, 3);
-    mptcp_paths(&tb);
+    tb.announce_vip6();
+    tb.client_joins(true);
     let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
@@ -447,7 +421,8 @@ fn up() -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     step(t, "namespaces: client (wifi, cell), router, lb, be1..be3");
     let tb = Testbed::new(TESTBED, 3);
-    mptcp_paths(&tb);
+    tb.announce_vip6();
+    tb.client_joins(true);
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut pids = Vec::new();
     for be in &tb.backends {
@@ -500,16 +475,6 @@ fn up() -> Result<(), String> {
     Ok(())
 }
 
-fn namespaces(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .collect()
-}
-
 fn down() -> Result<(), String> {
     let dir = state_dir();
     if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
@@ -521,14 +486,14 @@ fn down() -> Result<(), String> {
     let (ddir, _, pins) = Daemon::paths("testbed");
     let _ = lb_userspace::pins::remove(&pins);
     let _ = std::fs::remove_dir_all(ddir);
-    for ns in namespaces(TESTBED) {
+    for ns in namespaces(&format!("{TESTBED}-")) {
         let _ = std::process::Command::new("ip")
             .args(["netns", "delete", &ns])
             .status();
     }
     let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{TESTBED}"));
     let _ = std::fs::remove_dir_all(&dir);
-    let left = namespaces(TESTBED);
+    let left = namespaces(&format!("{TESTBED}-"));
     if left.is_empty() {
         println!("testbed down: no {TESTBED}-* namespace or process left");
         Ok(())
@@ -538,7 +503,7 @@ fn down() -> Result<(), String> {
 }
 
 fn status() -> Result<(), String> {
-    let ns = namespaces(TESTBED);
+    let ns = namespaces(&format!("{TESTBED}-"));
     if ns.is_empty() {
         println!("testbed down");
         return Ok(());
