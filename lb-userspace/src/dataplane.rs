@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -53,32 +53,61 @@ pub struct Maps {
     pub backend_meta: Array<MapData, BackendMeta>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
-}
-
 impl Maps {
+    /// The maps of a freshly loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        Ok(Self {
-            config: take(ebpf, MAP_CONFIG)?,
-            vips: take(ebpf, MAP_VIPS)?,
-            backends: take(ebpf, MAP_BACKENDS)?,
-            maglev: take(ebpf, MAP_MAGLEV)?,
-            conns: take(ebpf, MAP_CONNS)?,
-            tokens: take(ebpf, MAP_TOKENS)?,
-            stats: take(ebpf, MAP_STATS)?,
-            service_stats: take(ebpf, MAP_SERVICE_STATS)?,
-            backend_stats: take(ebpf, MAP_BACKEND_STATS)?,
-            service_meta: take(ebpf, MAP_SERVICE_META)?,
-            backend_meta: take(ebpf, MAP_BACKEND_META)?,
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
         })
     }
+
+    /// The maps pinned in `dir` (`<pin path>/v<layout>`) by a running balancer.
+    pub fn from_pins(dir: &std::path::Path) -> anyhow::Result<Self> {
+        Self::build(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening the pinned map {}", path.display()))?;
+            Map::from_map_data(data)
+                .with_context(|| format!("pinned map {} has an unknown type", path.display()))
+        })
+    }
+
+    /// Every map by name from `get`, typed; a wrong type or key/value size fails here.
+    fn build(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        fn typed<T>(
+            get: &mut impl FnMut(&str) -> anyhow::Result<Map>,
+            name: &str,
+        ) -> anyhow::Result<T>
+        where
+            T: TryFrom<Map, Error = aya::maps::MapError>,
+        {
+            T::try_from(get(name)?)
+                .with_context(|| format!("map {name} has an unexpected type or layout"))
+        }
+        let g = &mut get;
+        Ok(Self {
+            config: typed(g, MAP_CONFIG)?,
+            vips: typed(g, MAP_VIPS)?,
+            backends: typed(g, MAP_BACKENDS)?,
+            maglev: typed(g, MAP_MAGLEV)?,
+            conns: typed(g, MAP_CONNS)?,
+            tokens: typed(g, MAP_TOKENS)?,
+            stats: typed(g, MAP_STATS)?,
+            service_stats: typed(g, MAP_SERVICE_STATS)?,
+            backend_stats: typed(g, MAP_BACKEND_STATS)?,
+            service_meta: typed(g, MAP_SERVICE_META)?,
+            backend_meta: typed(g, MAP_BACKEND_META)?,
+        })
+    }
+}
+
+/// Packets and bytes summed over CPUs.
+pub fn total(per_cpu: &PerCpuValues<Traffic>) -> Traffic {
+    per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+        packets: a.packets + t.packets,
+        bytes: a.bytes + t.bytes,
+    })
 }
 
 /// An address as the dataplane stores it: network byte order, IPv4 in word 0.
@@ -333,10 +362,7 @@ impl Dataplane {
             .service_stats
             .get(&id, 0)
             .context("reading LB_SVC_STATS")?;
-        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-            packets: a.packets + t.packets,
-            bytes: a.bytes + t.bytes,
-        }))
+        Ok(total(&per_cpu))
     }
 
     /// Entries in the connection table (a walk over its keys).
@@ -356,10 +382,7 @@ impl Dataplane {
             .backend_stats
             .get(&id, 0)
             .context("reading LB_BE_STATS")?;
-        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-            packets: a.packets + t.packets,
-            bytes: a.bytes + t.bytes,
-        }))
+        Ok(total(&per_cpu))
     }
 }
 

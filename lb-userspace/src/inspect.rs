@@ -9,49 +9,23 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use lb_common::{
-    counters::Counter,
-    maps::{self as m, *},
-};
+use lb_common::{counters::Counter, maps::*};
 use serde::Serialize;
 
 use crate::{
     controller::{meta_name, state_name},
-    dataplane::words_addr,
+    dataplane::{Maps, total, words_addr},
     pins,
 };
 
 /// The balancer's maps, opened from their pins.
-pub struct Pinned {
-    pub config: Array<MapData, m::Config>,
-    pub backends: Array<MapData, Backend>,
-    pub maglev: Array<MapData, u32>,
-    pub conns: BpfHashMap<MapData, FlowKey, Conn>,
-    pub tokens: BpfHashMap<MapData, u32, TokenEntry>,
-    pub stats: PerCpuArray<MapData, u64>,
-    pub service_stats: PerCpuArray<MapData, Traffic>,
-    pub backend_stats: PerCpuArray<MapData, Traffic>,
-    pub service_meta: Array<MapData, ServiceMeta>,
-    pub backend_meta: Array<MapData, BackendMeta>,
-    pub vips: BpfHashMap<MapData, VipKey, VipInfo>,
-}
+pub struct Pinned(Maps);
 
-fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path)
-        .map_err(|e| anyhow::anyhow!("opening the pinned map {}: {e}", path.display()))?;
-    let map = Map::from_map_data(data)
-        .with_context(|| format!("pinned map {} has an unknown type", path.display()))?;
-    T::try_from(map).with_context(|| {
-        format!(
-            "pinned map {} has another layout than this mptcp-lb expects",
-            path.display()
-        )
-    })
+impl std::ops::Deref for Pinned {
+    type Target = Maps;
+    fn deref(&self) -> &Maps {
+        &self.0
+    }
 }
 
 impl Pinned {
@@ -62,13 +36,7 @@ impl Pinned {
         }
         let dir = pins::layout_dir(root);
         if !dir.exists() {
-            let others: Vec<String> = std::fs::read_dir(root)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok())
-                .collect();
+            let others = pins::other_layouts(root);
             if !others.is_empty() {
                 bail!(
                     "{} holds pins of another mptcp-lb layout ({}); this mptcp-lb reads v{LAYOUT_VERSION}: use the mptcp-lb that pinned them",
@@ -81,26 +49,7 @@ impl Pinned {
                 dir.display()
             );
         }
-        Ok(Pinned {
-            config: open(&dir, MAP_CONFIG)?,
-            backends: open(&dir, MAP_BACKENDS)?,
-            maglev: open(&dir, MAP_MAGLEV)?,
-            conns: open(&dir, MAP_CONNS)?,
-            tokens: open(&dir, MAP_TOKENS)?,
-            stats: open(&dir, MAP_STATS)?,
-            service_stats: open(&dir, MAP_SERVICE_STATS)?,
-            backend_stats: open(&dir, MAP_BACKEND_STATS)?,
-            service_meta: open(&dir, MAP_SERVICE_META)?,
-            backend_meta: open(&dir, MAP_BACKEND_META)?,
-            vips: open(&dir, MAP_VIPS)?,
-        })
-    }
-
-    fn sum(t: &aya::maps::PerCpuValues<Traffic>) -> Traffic {
-        t.iter().fold(Traffic::default(), |a, t| Traffic {
-            packets: a.packets + t.packets,
-            bytes: a.bytes + t.bytes,
-        })
+        Ok(Pinned(Maps::from_pins(&dir)?))
     }
 
     /// Configured services: id → name.
@@ -271,7 +220,7 @@ pub fn services(p: &Pinned) -> anyhow::Result<Vec<ServiceRow>> {
         for (_, meta) in backends.values().filter(|(_, m)| m.service == id) {
             *counts.entry(state_name(meta.state).into()).or_default() += 1;
         }
-        let t = Pinned::sum(&p.service_stats.get(&id, 0)?);
+        let t = total(&p.service_stats.get(&id, 0)?);
         let mut v = vips.remove(&id).unwrap_or_default();
         v.sort();
         rows.push(ServiceRow {
@@ -353,7 +302,7 @@ pub fn backends(
         if meta.state & BMETA_DRAIN_ADMIN != 0 {
             drained_by.push("operator".to_string());
         }
-        let t = Pinned::sum(&p.backend_stats.get(&id, 0)?);
+        let t = total(&p.backend_stats.get(&id, 0)?);
         rows.push(BackendRow {
             id,
             service: sname,

@@ -146,17 +146,22 @@ pub fn link_path(root: &Path) -> PathBuf {
     layout_dir(root).join("link")
 }
 
-/// Checks the pins under `root` before anything is loaded. Ok(true): pins of this layout
-/// exist and match, they will be adopted; Ok(false): nothing pinned yet.
-pub fn check(root: &Path, sizes: &Sizes) -> Result<bool, PinError> {
+/// The `v<N>` directories under `root` of layouts other than this build's.
+pub fn other_layouts(root: &Path) -> Vec<String> {
     let current = format!("v{LAYOUT_VERSION}");
-    let others: Vec<String> = std::fs::read_dir(root)
+    std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok() && *n != current)
-        .collect();
+        .collect()
+}
+
+/// Checks the pins under `root` before anything is loaded. Ok(true): pins of this layout
+/// exist and match, they will be adopted; Ok(false): nothing pinned yet.
+pub fn check(root: &Path, sizes: &Sizes) -> Result<bool, PinError> {
+    let others = other_layouts(root);
     if !others.is_empty() {
         return Err(PinError::OtherLayout {
             root: root.display().to_string(),
