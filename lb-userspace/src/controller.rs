@@ -354,7 +354,7 @@ impl Controller {
             }
         }
 
-        // VIPs: add the new ones (their backends are in place), then rings, then remove.
+        // Rings first (the backends above are in place), then new VIPs, then stale ones.
         let mut want_vips: HashMap<Vip, u32> = HashMap::new();
         for s in &new.services {
             for v in &s.vips {

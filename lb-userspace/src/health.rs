@@ -193,7 +193,7 @@ mod tests {
         assert!(parse_status(b"").is_err());
     }
 
-    async fn check(kind: HealthKind) -> HealthCheck {
+    fn check(kind: HealthKind) -> HealthCheck {
         HealthCheck {
             kind,
             port: None,
@@ -232,18 +232,16 @@ mod tests {
     async fn tcp_and_http_checks_against_loopback_servers() {
         let good = http_server("HTTP/1.0 200 OK\r\n\r\n").await;
         let bad = http_server("HTTP/1.0 503 Unavailable\r\n\r\n").await;
-        assert_eq!(probe(&check(HealthKind::Tcp).await, good).await, Ok(()));
-        assert_eq!(probe(&check(HealthKind::Http).await, good).await, Ok(()));
-        let e = probe(&check(HealthKind::Http).await, bad)
-            .await
-            .expect_err("503");
+        assert_eq!(probe(&check(HealthKind::Tcp), good).await, Ok(()));
+        assert_eq!(probe(&check(HealthKind::Http), good).await, Ok(()));
+        let e = probe(&check(HealthKind::Http), bad).await.expect_err("503");
         assert!(e.contains("HTTP status 503, expected 200"), "{e}");
         // Nobody listens on a port we just closed.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
-        let e = probe(&check(HealthKind::Tcp).await, closed)
+        let e = probe(&check(HealthKind::Tcp), closed)
             .await
             .expect_err("refused");
         assert!(e.starts_with("connect:"), "{e}");
