@@ -56,6 +56,9 @@ counters! {
     ConnMissNonSyn = "conn_miss_non_syn",
     /// A connection whose backend was removed: re-placed by Maglev.
     ConnRepick = "conn_repick",
+    /// A plain TCP SYN over the new-connection rate limit (SYN-flood guard): forwarded
+    /// by Maglev, not recorded until its first non-SYN packet.
+    ConnFloodBypass = "conn_flood_bypass",
     /// Decapsulation program: tunnels stripped.
     DecapOk = "decap_ok",
     /// A SYN to a VIP carrying MP_CAPABLE (no server key yet), version 1.

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -32,6 +32,8 @@ pub const MAP_TOKENS: &str = "LB_TOKENS";
 pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
 /// Benchmark only: the frame the resetting wrapper restores before every iteration.
 pub const MAP_BENCH: &str = "LB_BENCH";
+/// Per-CPU window of the SYN-flood guard (private to each loaded program, not pinned).
+pub const MAP_CONN_RATE: &str = "LB_CONN_RATE";
 /// Controller metadata, never read by the dataplane: service id → [`ServiceMeta`]
 /// (its name), so the CLI can name services while the daemon is down.
 pub const MAP_SERVICE_META: &str = "LB_SVC_META";
@@ -86,8 +88,22 @@ pub struct Config {
     pub flags: u32,
     /// Idle time after which a token is forgotten; 0 means [`DEFAULT_TOKEN_IDLE_NS`].
     pub token_idle_ns: u64,
+    /// SYN-flood guard (Katran's): above this many new connections a second on one
+    /// CPU, plain TCP SYNs are placed by Maglev but not recorded; the flow is recorded
+    /// at its first non-SYN packet. MP_CAPABLE and MP_JOIN SYNs are always recorded
+    /// (learning and join routing need the entry). 0 = no limit.
+    pub max_conn_rate: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
+
+/// Per-CPU window of the SYN-flood guard (see [`Config::max_conn_rate`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ConnRate {
+    pub window_start_ns: u64,
+    pub count: u64,
+}
 
 /// Key of [`MAP_VIPS`]. A key with `port == 0 && proto == 0` marks a VIP address, so
 /// fragments and IPv6 extension headers sent to it are recognised and dropped.
@@ -285,6 +301,8 @@ const _: () = assert!(core::mem::size_of::<BenchFrame>() == 16 + 40 + BENCH_FRAM
 mod pod {
     // SAFETY: all of these are #[repr(C)], bytemuck::Pod (no padding, any bit pattern).
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnRate {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipKey {}
     // SAFETY: as above.

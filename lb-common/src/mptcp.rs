@@ -1,9 +1,10 @@
 //! MPTCP (TCP option kind 30) as the balancer needs it: find MP_CAPABLE and MP_JOIN in a
 //! TCP option space, and derive a connection's token from a key.
 //!
-//! The option walk works on a fixed 64-byte buffer (the XDP program copies at most 40
-//! option bytes into it, the rest stay zero) with every index masked to the buffer, so it
-//! cannot read out of bounds whatever the input, and the verifier sees bounded accesses.
+//! The option walk works on a fixed 128-byte buffer (the XDP program copies at most 40
+//! option bytes into it; what follows is stale and never read) with every index masked to
+//! its first 64 bytes, so it cannot read out of bounds whatever the input, and the
+//! verifier sees bounded accesses even where LLVM merges byte reads into wider loads.
 
 /// TCP option kind of MPTCP.
 pub const TCPOPT_MPTCP: u8 = 30;
@@ -11,9 +12,12 @@ const TCPOPT_EOL: u8 = 0;
 const TCPOPT_NOP: u8 = 1;
 /// Most option bytes a TCP header can carry (data offset 15).
 pub const MAX_OPTION_BYTES: usize = 40;
-/// Size of the buffer the parser reads: a power of two, so masking keeps indices inside.
-pub const OPTION_BUF: usize = 64;
-const MASK: usize = OPTION_BUF - 1;
+/// Size of the buffer the parser reads. Indices are masked to [`MASK`] (64 bytes, more
+/// than the 40 option bytes); the second half is slack for reads of up to 8 bytes that
+/// start below 64, so a merged load is inside the buffer for the verifier too.
+pub const OPTION_BUF: usize = 128;
+/// Mask applied to every index into the option buffer.
+pub const MASK: usize = 63;
 
 const SUBTYPE_CAPABLE: u8 = 0;
 const SUBTYPE_JOIN: u8 = 1;
@@ -184,59 +188,157 @@ pub fn token_v1(key: u64) -> u32 {
     sha256_block(key)[0]
 }
 
-/// Message schedule word `t`, rolled in a 16-word window (`t` < 64).
+/// [`token_v1`] with the message schedule kept in `window` (its contents on entry do
+/// not matter): the XDP program passes per-CPU map memory, to spare its 512-byte stack.
 #[inline(always)]
-fn schedule(w: &mut [u32; 16], t: usize) -> u32 {
-    if t < 16 {
-        return w[t & 15];
-    }
-    let w15 = w[(t + 1) & 15];
-    let w2 = w[(t + 14) & 15];
-    let s0 = w15.rotate_right(7) ^ w15.rotate_right(18) ^ (w15 >> 3);
-    let s1 = w2.rotate_right(17) ^ w2.rotate_right(19) ^ (w2 >> 10);
-    let v = w[t & 15]
-        .wrapping_add(s0)
-        .wrapping_add(w[(t + 9) & 15])
-        .wrapping_add(s1);
-    w[t & 15] = v;
-    v
+pub fn token_v1_in(key: u64, window: &mut [u32; 16]) -> u32 {
+    sha256_block_in(key, window)[0]
 }
 
-/// One round with the state passed by name: eight calls with the names rotated are
-/// eight rounds without moving the state between registers.
+/// `x` in both halves of a 64-bit word: shifting that right by `n` (< 32) leaves
+/// `x.rotate_right(n)` in the low half. BPF has no rotate instruction; this way three
+/// rotates of one word cost three shifts instead of nine instructions.
+#[inline(always)]
+fn doubled(x: u32) -> u64 {
+    (x as u64) << 32 | x as u64
+}
+
+/// Σ0 of SHA-256 (rotations 2, 13, 22).
+#[inline(always)]
+fn big_sigma0(x: u32) -> u32 {
+    let d = doubled(x);
+    ((d >> 2) ^ (d >> 13) ^ (d >> 22)) as u32
+}
+
+/// Σ1 (rotations 6, 11, 25).
+#[inline(always)]
+fn big_sigma1(x: u32) -> u32 {
+    let d = doubled(x);
+    ((d >> 6) ^ (d >> 11) ^ (d >> 25)) as u32
+}
+
+/// σ0 of the message schedule (rotations 7, 18, shift 3).
+#[inline(always)]
+fn small_sigma0(x: u32) -> u32 {
+    let d = doubled(x);
+    ((d >> 7) ^ (d >> 18)) as u32 ^ (x >> 3)
+}
+
+/// σ1 (rotations 17, 19, shift 10).
+#[inline(always)]
+fn small_sigma1(x: u32) -> u32 {
+    let d = doubled(x);
+    ((d >> 17) ^ (d >> 19)) as u32 ^ (x >> 10)
+}
+
+/// Schedule window access that stays a memory access. Left to itself LLVM keeps all 16
+/// words in registers; BPF has ten, and the spills overflow its 512-byte stack.
+#[inline(always)]
+fn word(w: &[u32; 16], j: usize) -> u32 {
+    // SAFETY: a reference to an element is valid for reading.
+    unsafe { core::ptr::read_volatile(&w[j]) }
+}
+
+#[inline(always)]
+fn set_word(w: &mut [u32; 16], j: usize, v: u32) {
+    // SAFETY: a reference to an element is valid for writing.
+    unsafe { core::ptr::write_volatile(&mut w[j], v) }
+}
+
+/// One round, the state passed by name: eight calls with the names rotated are eight
+/// rounds without moving the state between registers. `$kw` is K[t] + W[t].
 macro_rules! round256 {
-    ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident, $w:ident, $t:expr) => {
-        let t = $t;
-        let wt = schedule(&mut $w, t);
+    ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident, $kw:expr) => {
         let t1 = $h
-            .wrapping_add($e.rotate_right(6) ^ $e.rotate_right(11) ^ $e.rotate_right(25))
-            .wrapping_add(($e & $f) ^ (!$e & $g))
-            .wrapping_add(K256[t & 63])
-            .wrapping_add(wt);
-        let t2 = ($a.rotate_right(2) ^ $a.rotate_right(13) ^ $a.rotate_right(22))
-            .wrapping_add(($a & $b) ^ ($a & $c) ^ ($b & $c));
+            .wrapping_add(big_sigma1($e))
+            .wrapping_add($g ^ ($e & ($f ^ $g)))
+            .wrapping_add($kw);
+        let t2 = big_sigma0($a).wrapping_add(($a & $b) | ($c & ($a | $b)));
         $d = $d.wrapping_add(t1);
         $h = t1.wrapping_add(t2);
     };
 }
 
+/// Round `16 * $i + $j` (`$i` >= 1): the next schedule word into the rolling window,
+/// then the round. `$j` is a literal, so every window index is a constant.
+macro_rules! scheduled_round256 {
+    ($w:ident, $i:expr, $j:literal, $a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident) => {
+        let v = word($w, $j)
+            .wrapping_add(small_sigma0(word($w, ($j + 1) & 15)))
+            .wrapping_add(word($w, ($j + 9) & 15))
+            .wrapping_add(small_sigma1(word($w, ($j + 14) & 15)));
+        set_word($w, $j, v);
+        round256!(
+            $a,
+            $b,
+            $c,
+            $d,
+            $e,
+            $f,
+            $g,
+            $h,
+            K256[(16 * $i + $j) & 63].wrapping_add(v)
+        );
+    };
+}
+
 /// The whole SHA-256 digest as eight big-endian words (the token and the IDSN are parts).
+///
+/// Written for the BPF target as much as for the host: the first 16 rounds use the
+/// padded block's known words as constants, the other 48 run in three blocks of 16 with
+/// a rolling 16-word schedule whose indices are all constants.
 #[inline(always)]
 pub fn sha256_block(key: u64) -> [u32; 8] {
-    // A 16-word rolling schedule keeps the stack small.
-    let mut w = block(key);
+    sha256_block_in(key, &mut [0; 16])
+}
+
+/// [`sha256_block`] with the schedule window supplied by the caller.
+#[inline(always)]
+pub fn sha256_block_in(key: u64, w: &mut [u32; 16]) -> [u32; 8] {
+    let m = block(key);
+    let mut j = 0;
+    while j < 16 {
+        set_word(w, j, m[j]);
+        j += 1;
+    }
     let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = H256;
-    let mut i = 0usize;
-    while i < 8 {
-        let t = i * 8;
-        round256!(a, b, c, d, e, f, g, h, w, t);
-        round256!(h, a, b, c, d, e, f, g, w, t + 1);
-        round256!(g, h, a, b, c, d, e, f, w, t + 2);
-        round256!(f, g, h, a, b, c, d, e, w, t + 3);
-        round256!(e, f, g, h, a, b, c, d, w, t + 4);
-        round256!(d, e, f, g, h, a, b, c, w, t + 5);
-        round256!(c, d, e, f, g, h, a, b, w, t + 6);
-        round256!(b, c, d, e, f, g, h, a, w, t + 7);
+    // Rounds 0-15: W = [key_hi, key_lo, 0x80000000, 0 x 12, 64].
+    round256!(a, b, c, d, e, f, g, h, K256[0].wrapping_add(m[0]));
+    round256!(h, a, b, c, d, e, f, g, K256[1].wrapping_add(m[1]));
+    round256!(g, h, a, b, c, d, e, f, K256[2].wrapping_add(0x8000_0000));
+    round256!(f, g, h, a, b, c, d, e, K256[3]);
+    round256!(e, f, g, h, a, b, c, d, K256[4]);
+    round256!(d, e, f, g, h, a, b, c, K256[5]);
+    round256!(c, d, e, f, g, h, a, b, K256[6]);
+    round256!(b, c, d, e, f, g, h, a, K256[7]);
+    round256!(a, b, c, d, e, f, g, h, K256[8]);
+    round256!(h, a, b, c, d, e, f, g, K256[9]);
+    round256!(g, h, a, b, c, d, e, f, K256[10]);
+    round256!(f, g, h, a, b, c, d, e, K256[11]);
+    round256!(e, f, g, h, a, b, c, d, K256[12]);
+    round256!(d, e, f, g, h, a, b, c, K256[13]);
+    round256!(c, d, e, f, g, h, a, b, K256[14]);
+    round256!(b, c, d, e, f, g, h, a, K256[15].wrapping_add(64));
+    let mut i = 1usize;
+    // An opaque bound keeps LLVM from unrolling the three blocks: unrolled, the 64
+    // live words overflow the 512-byte BPF stack.
+    while i < core::hint::black_box(4) {
+        scheduled_round256!(w, i, 0, a, b, c, d, e, f, g, h);
+        scheduled_round256!(w, i, 1, h, a, b, c, d, e, f, g);
+        scheduled_round256!(w, i, 2, g, h, a, b, c, d, e, f);
+        scheduled_round256!(w, i, 3, f, g, h, a, b, c, d, e);
+        scheduled_round256!(w, i, 4, e, f, g, h, a, b, c, d);
+        scheduled_round256!(w, i, 5, d, e, f, g, h, a, b, c);
+        scheduled_round256!(w, i, 6, c, d, e, f, g, h, a, b);
+        scheduled_round256!(w, i, 7, b, c, d, e, f, g, h, a);
+        scheduled_round256!(w, i, 8, a, b, c, d, e, f, g, h);
+        scheduled_round256!(w, i, 9, h, a, b, c, d, e, f, g);
+        scheduled_round256!(w, i, 10, g, h, a, b, c, d, e, f);
+        scheduled_round256!(w, i, 11, f, g, h, a, b, c, d, e);
+        scheduled_round256!(w, i, 12, e, f, g, h, a, b, c, d);
+        scheduled_round256!(w, i, 13, d, e, f, g, h, a, b, c);
+        scheduled_round256!(w, i, 14, c, d, e, f, g, h, a, b);
+        scheduled_round256!(w, i, 15, b, c, d, e, f, g, h, a);
         i += 1;
     }
     [
@@ -469,6 +571,10 @@ mod tests {
                     3 => 0x01,
                     _ => next() as u8,
                 };
+            }
+            // The XDP program's buffer holds an earlier packet's bytes past `len`.
+            for byte in b.iter_mut().skip(len) {
+                *byte = next() as u8;
             }
             let got = find(&b, len);
             assert_eq!(got, reference(&b[..len.min(OPTION_BUF)]), "{:?}", &b[..len]);

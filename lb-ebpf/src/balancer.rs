@@ -1,6 +1,8 @@
 //! The balancer's decision: which packets are ours, which backend gets them.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
+};
 use lb_common::{
     counters::Counter,
     hash::{flow_hash, hash_u32},
@@ -12,7 +14,8 @@ use lb_common::{
 use crate::{
     encap,
     maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, CONNS, MAGLEV, SERVICE_STATS, VIPS, add_traffic, count,
+        BACKEND_STATS, BACKENDS, CONFIG, CONN_RATE, CONNS, MAGLEV, SERVICE_STATS, VIPS,
+        add_traffic, count,
     },
     mptcp,
     parse::{self, Packet},
@@ -62,11 +65,39 @@ fn not_balanceable(pkt: &Packet) -> u32 {
 #[inline(always)]
 fn maglev_pick(cfg: &Config, service: u32, hash: u32) -> u32 {
     let ring = cfg.ring_size;
-    let index = service.wrapping_mul(ring).wrapping_add(hash % ring);
+    // `cfg` is live map memory: the caller's non-zero check is not proof enough here.
+    let Some(slot) = hash.checked_rem(ring) else {
+        return 0;
+    };
+    let index = service.wrapping_mul(ring).wrapping_add(slot);
     match MAGLEV.get(index) {
         Some(id) => *id,
         None => 0,
     }
+}
+
+/// Katran's SYN-flood guard: true once this CPU has placed more than
+/// `cfg.max_conn_rate` new connections within the current one-second window.
+#[inline(always)]
+fn syn_flood(cfg: &Config) -> bool {
+    let limit = cfg.max_conn_rate;
+    if limit == 0 {
+        return false;
+    }
+    let Some(r) = CONN_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot; only this CPU touches it while the program runs.
+    let r = unsafe { &mut *r };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(r.window_start_ns) >= 1_000_000_000 {
+        r.window_start_ns = now;
+        r.count = 1;
+        return false;
+    }
+    r.count += 1;
+    r.count > limit as u64
 }
 
 #[inline(always)]
@@ -92,7 +123,9 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         count(Counter::PassNonVip);
         return xdp_action::XDP_PASS;
     };
-    let Some(cfg) = CONFIG.get(0).copied() else {
+    // A reference into the map value, not a copy: the program's 512-byte stack is
+    // needed by the token derivation.
+    let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
     };
     if cfg.ring_size == 0 {
@@ -120,51 +153,58 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     let mut backend_id = 0;
     // What a new table entry for this flow records (used when it is not in the table).
     let mut conn_flags = 0;
-    // A SYN starts a connection whatever the table remembers of its 5-tuple (clients
-    // reuse ports): its MPTCP option decides, not a stale entry.
-    let syn_option = if is_syn && cfg.flags & CONFIG_NO_MPTCP == 0 {
-        mptcp::option(ctx, &pkt)
-    } else {
-        None
-    };
-    if let Some(MptcpOption::Capable { version, .. }) = syn_option {
-        count(if version == 0 {
-            Counter::MpCapableSynV0
-        } else {
-            Counter::MpCapableSynV1
-        });
-        conn_flags = CONN_MPTCP;
-    }
-    if let Some(MptcpOption::JoinSyn { token, .. }) = syn_option {
+    if is_syn {
+        // A SYN starts a connection: it is placed now (Maglev, or its token for a join)
+        // and overwrites whatever the table remembers of its 5-tuple, without reading
+        // it. Clients reuse ports, and a new connection must follow the current pool
+        // (not a stale entry's draining backend). Katran does the same.
         count(Counter::ConnNew);
-        match mptcp::owner(token, vip.service, &cfg) {
-            Some(id) => {
-                count(Counter::JoinRouted);
-                backend_id = id;
+        let option = if cfg.flags & CONFIG_NO_MPTCP == 0 {
+            mptcp::option(ctx, &pkt)
+        } else {
+            None
+        };
+        match option {
+            Some(MptcpOption::Capable { version, .. }) => {
+                count(if version == 0 {
+                    Counter::MpCapableSynV0
+                } else {
+                    Counter::MpCapableSynV1
+                });
+                conn_flags = CONN_MPTCP;
             }
-            None if cfg.flags & CONFIG_JOIN_UNKNOWN_HASH != 0 => {
-                count(Counter::JoinUnknownHashed);
-                backend_id = maglev_pick(&cfg, vip.service, hash_u32(token, cfg.seed));
+            Some(MptcpOption::JoinSyn { token, .. }) => {
+                match mptcp::owner(token, vip.service, cfg) {
+                    Some(id) => {
+                        count(Counter::JoinRouted);
+                        backend_id = id;
+                    }
+                    None if cfg.flags & CONFIG_JOIN_UNKNOWN_HASH != 0 => {
+                        count(Counter::JoinUnknownHashed);
+                        backend_id = maglev_pick(cfg, vip.service, hash_u32(token, cfg.seed));
+                    }
+                    None => {
+                        // The client keeps its other subflows; this one is refused here
+                        // rather than reset by a backend that does not know it.
+                        count(Counter::JoinUnknownDropped);
+                        return xdp_action::XDP_DROP;
+                    }
+                }
+                if backend_id != 0 {
+                    let flags = CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN;
+                    let _ = CONNS.insert(
+                        key,
+                        Conn {
+                            backend: backend_id,
+                            service: vip.service,
+                            token,
+                            flags,
+                        },
+                        0,
+                    );
+                }
             }
-            None => {
-                // The client keeps its other subflows; this one is refused here rather
-                // than reset by a backend that does not know it.
-                count(Counter::JoinUnknownDropped);
-                return xdp_action::XDP_DROP;
-            }
-        }
-        if backend_id != 0 {
-            let flags = CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN;
-            let _ = CONNS.insert(
-                key,
-                Conn {
-                    backend: backend_id,
-                    service: vip.service,
-                    token,
-                    flags,
-                },
-                0,
-            );
+            _ => {}
         }
     } else if let Some(conn) = CONNS.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; Conn is plain data.
@@ -173,34 +213,34 @@ pub fn balance(ctx: &XdpContext) -> u32 {
             Some(b) if b.flags != 0 => {
                 backend_id = c.backend;
                 count(Counter::ConnHit);
-                if is_syn {
-                    if c.token != 0 || c.flags != conn_flags {
-                        // SAFETY: as above.
-                        unsafe {
-                            (*conn).token = 0;
-                            (*conn).flags = conn_flags;
-                        }
-                    }
-                } else if c.token != 0 {
+                if c.token != 0 {
                     mptcp::refresh(c.token, c.backend);
                 } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP {
-                    mptcp::learn(ctx, &pkt, &cfg, conn);
+                    mptcp::learn(ctx, &pkt, cfg, conn);
                 }
             }
             _ => count(Counter::ConnRepick),
         }
-    } else if pkt.proto == IPPROTO_TCP && !is_syn {
+    } else if pkt.proto == IPPROTO_TCP {
         count(Counter::ConnMissNonSyn);
     } else {
         count(Counter::ConnNew);
     }
     // The flow hash is needed only to place a new flow (Katran's habit too).
-    let mut hash = None;
+    // A plain value and a flag, not an Option: a None's payload is undefined, and LLVM
+    // may spill that undefined register, which the verifier refuses (`!read_ok`).
+    let mut hash = 0u32;
+    let mut hashed = false;
     if backend_id == 0 {
         let h = flow_hash(&key, cfg.seed);
-        hash = Some(h);
-        backend_id = maglev_pick(&cfg, vip.service, h);
-        if backend_id != 0 {
+        hash = h;
+        hashed = true;
+        backend_id = maglev_pick(cfg, vip.service, h);
+        // A plain SYN over the rate limit is forwarded but not recorded (SYN floods do
+        // not complete handshakes; a real connection is recorded at its next packet).
+        if backend_id != 0 && is_syn && syn_flood(cfg) && conn_flags == 0 {
+            count(Counter::ConnFloodBypass);
+        } else if backend_id != 0 {
             let conn = Conn {
                 backend: backend_id,
                 service: vip.service,
@@ -221,6 +261,6 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     add_traffic(&SERVICE_STATS, vip.service, packet_len);
     add_traffic(&BACKEND_STATS, backend_id, packet_len);
     encap::forward(
-        ctx, &cfg, &key, hash, backend_id, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6,
+        ctx, cfg, &key, hash, hashed, backend_id, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6,
     )
 }

@@ -42,8 +42,8 @@ fn vary(addr_be: u32, bits: u32, hash: u32) -> u32 {
 
 /// Encapsulates the IP packet at `l3_off` (whose IP length is `inner_len`, whose family
 /// is `inner_v6`) towards `backend` and decides its fate. Consumes the packet: returns
-/// the XDP verdict. `hash` is the flow hash if the caller has it; it is computed here
-/// only when the outer header needs it (IPv6 flow label, varied outer source).
+/// the XDP verdict. `hash` is the flow hash when `hashed` says the caller has it; it is
+/// computed here only when the outer header needs it (IPv6 flow label, varied source).
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,
@@ -53,7 +53,8 @@ pub fn forward(
     ctx: &XdpContext,
     cfg: &Config,
     key: &FlowKey,
-    hash: Option<u32>,
+    hash: u32,
+    hashed: bool,
     backend_id: u32,
     backend: &Backend,
     l3_off: usize,
@@ -68,10 +69,12 @@ pub fn forward(
     let outer_len: usize = if outer_v6 { IPV6_HLEN } else { IPV4_MIN_HLEN };
     let inner_proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
     let needs_hash = outer_v6 || cfg.src4_vary_bits != 0;
-    let hash = match hash {
-        Some(h) => h,
-        None if needs_hash => flow_hash(key, cfg.seed),
-        None => 0,
+    let hash = if hashed {
+        hash
+    } else if needs_hash {
+        flow_hash(key, cfg.seed)
+    } else {
+        0
     };
 
     // Keep the frame's MAC addresses: if the kernel must resolve the next hop, it gets
@@ -189,8 +192,11 @@ pub fn forward(
     fib.__bindgen_anon_1.tot_len = outer_total as u16;
     if outer_v6 {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = src6;
-        fib.__bindgen_anon_4.ipv6_dst = backend.addr;
+        // SAFETY: both fields are [u32; 4] inside `fib`.
+        unsafe {
+            store_words(&raw mut fib.__bindgen_anon_3.ipv6_src, src6);
+            store_words(&raw mut fib.__bindgen_anon_4.ipv6_dst, backend.addr);
+        }
     } else {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = src4;
@@ -239,6 +245,23 @@ pub fn forward(
             count(Counter::DropFib);
             xdp_action::XDP_DROP
         }
+    }
+}
+
+/// Stores four words one by one. The object is built with misaligned access allowed,
+/// so LLVM would merge neighbouring 4-byte stores into 8-byte ones; on the stack at an
+/// offset that is 4 mod 8 the verifier refuses those (it checks stack alignment always).
+///
+/// # Safety
+/// `dst` must be valid for writing four u32 words.
+#[inline(always)]
+unsafe fn store_words(dst: *mut [u32; 4], v: [u32; 4]) {
+    let p = dst as *mut u32;
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: the caller's contract; i < 4.
+        unsafe { core::ptr::write_volatile(p.add(i), v[i]) };
+        i += 1;
     }
 }
 

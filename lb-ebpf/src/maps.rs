@@ -10,6 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     counters::{COUNTER_COUNT, Counter},
     maps::*,
+    mptcp::OPTION_BUF,
 };
 
 /// Run-time settings (seed, ring size, outer sources).
@@ -46,6 +47,15 @@ pub static TOKENS: LruHashMap<u32, TokenEntry> =
 /// packet costs more than the rest of the fast path.
 #[map(name = "LB_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-CPU scratch space the MPTCP option walk copies a packet's TCP options into.
+/// Private to each loaded program (not pinned).
+#[map(name = "LB_SCRATCH")]
+pub static OPTION_SCRATCH: PerCpuArray<[u8; OPTION_BUF]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU new-connection window of the SYN-flood guard. Private to each loaded program.
+#[map(name = "LB_CONN_RATE")]
+pub static CONN_RATE: PerCpuArray<ConnRate> = PerCpuArray::with_max_entries(1, 0);
 
 /// Benchmark only: the frame `bench_balancer` restores before every iteration.
 #[map(name = "LB_BENCH")]

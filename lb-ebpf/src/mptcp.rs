@@ -9,12 +9,12 @@ use aya_ebpf::{
 use lb_common::{
     counters::Counter,
     maps::*,
-    mptcp::{self, MptcpOption, OPTION_BUF},
+    mptcp::{self, MptcpOption},
     packet::TCP_MIN_HLEN,
 };
 
 use crate::{
-    maps::{BACKENDS, TOKENS, count},
+    maps::{BACKENDS, OPTION_SCRATCH, TOKENS, count},
     parse::Packet,
 };
 
@@ -26,22 +26,25 @@ pub fn option(ctx: &XdpContext, pkt: &Packet) -> Option<MptcpOption> {
         return None;
     }
     // The same value, in a form whose range ([1, 64]) the verifier derives by itself.
-    let n = (core::hint::black_box(len - 1) & (OPTION_BUF - 1)) + 1;
-    let mut buf = [0u8; OPTION_BUF];
+    let n = (core::hint::black_box(len - 1) & mptcp::MASK) + 1;
+    // A per-CPU scratch buffer rather than the stack: nothing to zero first (the walk
+    // reads only the `len` bytes copied in), and map values may be read misaligned.
+    let buf = OPTION_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the helper bounds-checks the packet itself and writes at most n <= 64 bytes
-    // into the 64-byte buffer.
+    // into the OPTION_BUF-byte map value.
     let rc = unsafe {
         bpf_xdp_load_bytes(
             ctx.ctx,
             (pkt.l4_off + TCP_MIN_HLEN) as u32,
-            buf.as_mut_ptr() as *mut _,
+            buf as *mut _,
             n as u32,
         )
     };
     if rc != 0 {
         return None;
     }
-    mptcp::find(&buf, len)
+    // SAFETY: a live per-CPU map value; only this program on this CPU uses it, now.
+    mptcp::find(unsafe { &*buf }, len)
 }
 
 /// CLOCK_MONOTONIC at the last tick: millisecond resolution is plenty for idle times of
@@ -82,47 +85,42 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
     let token = if version == 0 {
         mptcp::token_v0(key)
     } else {
-        mptcp::token_v1(key)
+        let Some(scratch) = OPTION_SCRATCH.get_ptr_mut(0) else {
+            return;
+        };
+        // SAFETY: a live, 8-aligned per-CPU map value of 128 bytes, used by this program
+        // only; the option bytes in it are no longer needed (the key is a copy).
+        mptcp::token_v1_in(key, unsafe { &mut *(scratch as *mut [u32; 16]) })
     };
     let t = now();
-    // Two CPUs may run this for one flow at once (its third ACK and first data segment);
-    // both derive the same token for the same backend, so the outcome is the same, and
-    // only the one whose insert wins counts it.
+    let entry = TokenEntry {
+        backend: c.backend,
+        service: c.service,
+        learned_ns: t,
+        last_seen_ns: t,
+        version: version as u32,
+        _pad: 0,
+    };
+    // The common case, a token nobody holds, costs one insert: BPF_NOEXIST fails only
+    // when the token is already there. Two CPUs may run this for one flow at once (its
+    // third ACK and first data segment); both derive the same token for the same
+    // backend, and only the one whose insert wins counts it.
     let mut owned = true;
-    let mut exists = false;
-    let mut known = false;
-    if let Some(e) = TOKENS.get_ptr_mut(token) {
+    if TOKENS.insert(token, entry, BPF_NOEXIST as u64).is_ok() {
+        count_learned(version);
+    } else if let Some(e) = TOKENS.get_ptr_mut(token) {
         // SAFETY: a live map value.
         let e = unsafe { &mut *e };
-        exists = true;
         if e.backend == c.backend {
             e.last_seen_ns = t;
-            known = true;
         } else if t.wrapping_sub(e.last_seen_ns) < idle_ns(cfg) {
             // Live for another backend: keep it (a forged or colliding handshake must
             // not redirect another connection's joins).
             count(Counter::TokenCollision);
             owned = false;
-        }
-    }
-    if owned && !known {
-        let entry = TokenEntry {
-            backend: c.backend,
-            service: c.service,
-            learned_ns: t,
-            last_seen_ns: t,
-            version: version as u32,
-            _pad: 0,
-        };
-        // A new token is added only if no other CPU added it meanwhile (BPF_NOEXIST);
-        // an expired entry of another backend is replaced.
-        let flags = if exists { 0 } else { BPF_NOEXIST as u64 };
-        if TOKENS.insert(token, entry, flags).is_ok() {
-            count(if version == 0 {
-                Counter::TokenLearnedV0
-            } else {
-                Counter::TokenLearnedV1
-            });
+        } else if TOKENS.insert(token, entry, 0).is_ok() {
+            // Another backend's entry that went idle is replaced.
+            count_learned(version);
         }
     }
     // SAFETY: as above.
@@ -130,6 +128,15 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         (*conn).token = if owned { token } else { 0 };
         (*conn).flags = c.flags | CONN_TOKEN_DONE;
     }
+}
+
+#[inline(always)]
+fn count_learned(version: u8) {
+    count(if version == 0 {
+        Counter::TokenLearnedV0
+    } else {
+        Counter::TokenLearnedV1
+    });
 }
 
 /// Traffic on any subflow keeps its connection's token alive (at most one write a second).

@@ -164,6 +164,11 @@ pub struct BalancerConfig {
     pub unknown_join_policy: UnknownJoinPolicy,
     #[serde(default = "default_token_idle_secs")]
     pub token_idle_secs: u64,
+    /// SYN-flood guard: new connections a second per CPU above which plain TCP SYNs are
+    /// forwarded but not recorded until their next packet (Katran's MAX_CONN_RATE);
+    /// 0 = no limit.
+    #[serde(default = "default_max_conn_rate")]
+    pub max_conn_rate: u32,
     /// Prometheus metrics listen address.
     pub metrics_listen: Option<SocketAddr>,
     /// The daemon's control socket (Unix, root only), used by `mptcp-lb reload`,
@@ -198,6 +203,11 @@ fn default_conn_entries() -> u32 {
 fn default_token_entries() -> u32 {
     lb_common::maps::DEFAULT_TOKEN_ENTRIES
 }
+fn default_max_conn_rate() -> u32 {
+    DEFAULT_MAX_CONN_RATE
+}
+/// Katran's figure: 125,000 new connections a second on one CPU.
+pub const DEFAULT_MAX_CONN_RATE: u32 = 125_000;
 fn default_token_idle_secs() -> u64 {
     lb_common::maps::DEFAULT_TOKEN_IDLE_NS / 1_000_000_000
 }

@@ -425,6 +425,99 @@ fn removed_backend_connections_are_replaced() {
     });
 }
 
+/// Katran's SYN-flood guard: over `max_conn_rate` new connections a second on one CPU, a
+/// plain SYN is forwarded by Maglev but not recorded; its flow is recorded at its next
+/// packet, on the same backend. MP_CAPABLE SYNs are recorded whatever the rate.
+#[test]
+fn syn_flood_guard_records_at_the_next_packet() {
+    if !privileged("syn_flood_guard_records_at_the_next_packet") {
+        return;
+    }
+    let env = environment("flood");
+    let ifindex = env.ifindex;
+    env.ns.within(move || {
+        // The window is per CPU: keep every test run on one.
+        // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+                0
+            );
+        }
+        let mut dp = Dataplane::load(Sizes {
+            ring_size: RING,
+            conn_entries: 4096,
+            token_entries: 4096,
+        })
+        .expect("load");
+        configure(&mut dp);
+        let mut cfg = dp.maps.config.get(&0, 0).expect("config");
+        cfg.max_conn_rate = 2;
+        dp.set_config(cfg).expect("config");
+        let recorded = |dp: &Dataplane, sport: u16| {
+            dp.maps
+                .conns
+                .get(&key4(CLIENT4, vip4(6), sport, 80, 6), 0)
+                .ok()
+        };
+        // Up to three tries, in case one straddles the one-second window.
+        for attempt in 0..3u16 {
+            let base = 51000 + attempt * 10;
+            let mut rate: aya::maps::PerCpuArray<_, lb_common::maps::ConnRate> =
+                aya::maps::PerCpuArray::try_from(
+                    dp.ebpf
+                        .map_mut(lb_common::maps::MAP_CONN_RATE)
+                        .expect("rate map"),
+                )
+                .expect("rate map type");
+            let cpus = aya::util::nr_cpus().expect("cpus");
+            rate.set(
+                0,
+                aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]).expect("values"),
+                0,
+            )
+            .expect("reset the window");
+            let start = std::time::Instant::now();
+            let mut outs = Vec::new();
+            for i in 0..3 {
+                let syn = tcp4(CLIENT4, vip4(6), base + i, 80, SYN, &[], &[]);
+                let (verdict, out) = run_once(dp.program(), &syn, ifindex);
+                assert_eq!(verdict, XDP_TX, "a SYN over the limit is still forwarded");
+                outs.push(out);
+            }
+            let mp = tcp4(CLIENT4, vip4(6), base + 3, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+            assert_eq!(run_once(dp.program(), &mp, ifindex).0, XDP_TX);
+            if start.elapsed() >= std::time::Duration::from_millis(900) {
+                continue;
+            }
+            assert!(recorded(&dp, base).is_some() && recorded(&dp, base + 1).is_some());
+            assert!(
+                recorded(&dp, base + 2).is_none(),
+                "the third SYN in a second is over the limit of 2: not recorded"
+            );
+            let mp_conn = recorded(&dp, base + 3).expect("an MP_CAPABLE SYN is always recorded");
+            assert_eq!(mp_conn.flags, lb_common::maps::CONN_MPTCP);
+            assert_eq!(dp.counter(Counter::ConnFloodBypass).expect("counter"), 1);
+
+            // The handshake's ACK records the flow, on the backend its SYN went to.
+            let ack = tcp4(CLIENT4, vip4(6), base + 2, 80, ACK, &[], &[]);
+            let (verdict, out) = run_once(dp.program(), &ack, ifindex);
+            assert_eq!(verdict, XDP_TX);
+            let conn = recorded(&dp, base + 2).expect("recorded at the ACK");
+            assert_eq!(
+                &out[30..34],
+                &outs[2][30..34],
+                "the ACK goes where its SYN went"
+            );
+            assert_eq!(&out[30..34], &MAGLEV_BES[(conn.backend - 5) as usize]);
+            return;
+        }
+        panic!("three tries each took a second or more: the machine is too slow for this test");
+    });
+}
+
 fn sha256_token(key: u64) -> u32 {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(key.to_be_bytes());
