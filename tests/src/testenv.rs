@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use lb_common::maps::{BACKEND_ACTIVE, Config, FlowKey};
 use lb_userspace::{
-    dataplane::{Dataplane, addr_words},
+    dataplane::{Dataplane, Sizes, addr_words},
     maglev,
 };
 
@@ -26,6 +26,12 @@ pub const GW_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
 pub const OUT_GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
 pub const SEED: u32 = 0x5eed_1234;
 pub const RING: u32 = 1009;
+/// Map sizes of the packet-level tests: small tables load fast and nothing evicts.
+pub const TEST_SIZES: Sizes = Sizes {
+    ring_size: RING,
+    conn_entries: 4096,
+    token_entries: 4096,
+};
 
 pub fn v4(a: [u8; 4]) -> IpAddr {
     IpAddr::from(a)

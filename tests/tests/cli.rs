@@ -11,10 +11,7 @@ use std::{
 };
 
 use lb_common::maps::{BackendMeta, SERVICE_NAME_LEN, ServiceMeta};
-use lb_userspace::{
-    dataplane::{Dataplane, Sizes},
-    pins,
-};
+use lb_userspace::{dataplane::Dataplane, pins};
 use mptcp_lb_tests::{
     daemon::binary,
     fixture::{XDP_TX, run_once},
@@ -74,15 +71,7 @@ fn inspect_shows_exactly_what_packets_put_in_the_maps() {
     let server_key = 0x7a9c_3840_1a72_f870u64;
     let token = sha256_token(server_key);
     let owner: u32 = env.ns.within(move || {
-        let (mut dp, _) = Dataplane::load_pinned(
-            Sizes {
-                ring_size: RING,
-                conn_entries: 4096,
-                token_entries: 4096,
-            },
-            Path::new(ROOT),
-        )
-        .expect("load");
+        let (mut dp, _) = Dataplane::load_pinned(TEST_SIZES, Path::new(ROOT)).expect("load");
         let ring = configure(&mut dp);
         dp.add_vip(v6(vip6(6)), 80, 6, 5).expect("vip6");
         // Name service 5 and its backends, as the daemon records them.

@@ -9,7 +9,7 @@ use lb_common::{
     maps::{Config, FlowKey},
 };
 use lb_userspace::{
-    dataplane::{Dataplane, Sizes, addr_words},
+    dataplane::{Dataplane, addr_words},
     maglev,
 };
 use mptcp_lb_tests::{
@@ -36,12 +36,7 @@ fn balancer_fixtures() {
     let env = environment("fx");
     let (lb_mac, out_mac, ifindex) = (env.lb_mac, env.out_mac, env.ifindex);
     let ring = env.ns.within(move || {
-        let mut dp = Dataplane::load(Sizes {
-            ring_size: RING,
-            conn_entries: 4096,
-            token_entries: 4096,
-        })
-        .expect("load balancer");
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load balancer");
         let ring = configure(&mut dp);
         let table = table(lb_mac, out_mac, &ring);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -383,12 +378,7 @@ fn removed_backend_connections_are_replaced() {
     let env = environment("repick");
     let ifindex = env.ifindex;
     env.ns.within(move || {
-        let mut dp = Dataplane::load(Sizes {
-            ring_size: RING,
-            conn_entries: 4096,
-            token_entries: 4096,
-        })
-        .expect("load");
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
         configure(&mut dp);
         let syn = tcp4(CLIENT4, vip4(6), 50001, 80, SYN, &[], &[]);
         let ack = tcp4(CLIENT4, vip4(6), 50001, 80, ACK, &[], b"x");
@@ -446,12 +436,7 @@ fn syn_flood_guard_records_at_the_next_packet() {
                 0
             );
         }
-        let mut dp = Dataplane::load(Sizes {
-            ring_size: RING,
-            conn_entries: 4096,
-            token_entries: 4096,
-        })
-        .expect("load");
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
         configure(&mut dp);
         let mut cfg = dp.maps.config.get(&0, 0).expect("config");
         cfg.max_conn_rate = 2;
@@ -538,12 +523,7 @@ fn mptcp_fixtures() {
     let env = environment("mp");
     let (lb_mac, ifindex) = (env.lb_mac, env.ifindex);
     env.ns.within(move || {
-        let mut dp = Dataplane::load(Sizes {
-            ring_size: RING,
-            conn_entries: 4096,
-            token_entries: 4096,
-        })
-        .expect("load");
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
         let ring = configure(&mut dp);
         // The Maglev service also answers on an IPv6 VIP: joins may cross families.
         dp.add_vip(v6(vip6(6)), 80, 6, 5).expect("vip6");
