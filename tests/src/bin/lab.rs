@@ -274,9 +274,12 @@ fn demo(keep: bool) -> Result<(), String> {
     tb.announce_vip6();
     tb.client_joins(true);
     let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    // With awareness on every join arrives, so the servers may wait long for one (a join
+    // SYN lost on the way is retransmitted after 1 s, then 3 s); with it off most joins
+    // are reset and waiting 3 s for them is enough.
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
-        s.join_wait_ms.store(3000, Ordering::Relaxed);
+        s.join_wait_ms.store(10_000, Ordering::Relaxed);
     }
     step(
         t,
@@ -326,6 +329,9 @@ fn demo(keep: bool) -> Result<(), String> {
     step(t, "contrast: mptcp_aware = false, applied by a live reload");
     d.write_config(&config("demo").replace("[balancer]", "[balancer]\nmptcp_aware = false"));
     show_cli(&d, &["reload"]);
+    for s in &servers {
+        s.join_wait_ms.store(3000, Ordering::Relaxed);
+    }
     let before: Vec<usize> = servers
         .iter()
         .map(|s| s.records.lock().expect("r").len())
