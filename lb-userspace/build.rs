@@ -8,10 +8,16 @@ fn main() -> anyhow::Result<()> {
         .output()
         .context("cargo locate-project")?;
     let workspace_toml = String::from_utf8(metadata.stdout).context("workspace path")?;
-    let root = std::path::Path::new(workspace_toml.trim())
+    let workspace = std::path::Path::new(workspace_toml.trim())
         .parent()
-        .context("workspace root")?
-        .join("lb-ebpf");
+        .context("workspace root")?;
+    // aya-build watches lb-ebpf only; the program also compiles lb-common's code (the
+    // option walk, the token hashes, the map layouts), so a change there rebuilds it too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("lb-common").display()
+    );
+    let root = workspace.join("lb-ebpf");
     let root = root.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(
         [aya_build::Package {
