@@ -388,6 +388,16 @@ fn main() {
         // Calls are interleaved: round after round, every class (and its floor) gets one
         // call, so a drift of the machine's speed during the run (common on a VM) moves
         // all rows alike and the rows stay comparable with each other.
+        // The wrapper alone (restore, vary, relearn reset, then XDP_PASS) with a frame.
+        let floor = |dp: &Dataplane, frame: &[u8], name: &str| {
+            call(
+                bench_program(dp, loader::PROG_BENCH_RESET),
+                frame,
+                ifindex,
+                XDP_PASS,
+                name,
+            )
+        };
         let mut bare = Vec::new();
         let mut restore = Vec::new();
         let mut ns = vec![Vec::new(); selected.len()];
@@ -399,13 +409,7 @@ fn main() {
                 bare.push(t);
             }
             let frame = set(&mut dp, &reset_class, round * REPEAT);
-            let t = call(
-                bench_program(&dp, loader::PROG_BENCH_RESET),
-                &frame,
-                ifindex,
-                XDP_PASS,
-                reset_class.name,
-            );
+            let t = floor(&dp, &frame, reset_class.name);
             if warm {
                 restore.push(t);
             }
@@ -415,13 +419,7 @@ fn main() {
                 // its flow for relearning, then XDP_PASS. It records nothing, so the
                 // balancer's call then reuses the same range of the varied field.
                 let frame = set(&mut dp, c, seq);
-                let f = call(
-                    bench_program(&dp, loader::PROG_BENCH_RESET),
-                    &frame,
-                    ifindex,
-                    XDP_PASS,
-                    c.name,
-                );
+                let f = floor(&dp, &frame, c.name);
                 set(&mut dp, c, seq);
                 let t = call(
                     bench_program(&dp, loader::PROG_BENCH_BALANCER),
