@@ -216,7 +216,11 @@ pub struct AddrKey {
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 
 /// How long a route lookup's answer for a backend is reused: route and neighbour changes
-/// reach the dataplane within this time.
+/// reach the dataplane within this time. Counted in kernel ticks (jiffies), which the
+/// verifier turns into one memory load where any clock helper costs a call: 250 ticks is
+/// 1 s at HZ=250 (Debian's kernels), 0.25 s at HZ=1000, 2.5 s at HZ=100.
+pub const NEXTHOP_TTL_JIFFIES: u32 = 250;
+/// The same in nanoseconds, for the `expires_ns` field older programs read.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
 /// A cached route lookup for one backend (per CPU).
@@ -229,9 +233,33 @@ pub struct NextHop {
     pub ifindex: u32,
     /// MTU of the route: larger outer packets are dropped as too big.
     pub mtu: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_coarse_ns` after which the entry must be looked up again.
+    /// Low 32 bits of the jiffies after which the entry must be looked up again; 0 (what
+    /// an older program of this layout leaves) is never fresh.
+    pub expires_jiffies: u32,
+    /// `bpf_ktime_get_coarse_ns` expiry: read by older programs of this layout (written
+    /// still, so a rollback finds it right), not by this one.
     pub expires_ns: u64,
+}
+
+impl NextHop {
+    /// Whether the entry may be used at `now_jiffies` (low 32 bits): between the lookup
+    /// and its expiry, whatever the wrap-around of the 32-bit tick count.
+    #[inline(always)]
+    pub fn fresh(&self, now_jiffies: u32) -> bool {
+        self.ifindex != 0
+            && self.expires_jiffies != 0
+            && self.expires_jiffies.wrapping_sub(now_jiffies) <= NEXTHOP_TTL_JIFFIES
+    }
+
+    /// The expiry to record for a lookup made at `now_jiffies`. Never 0: at the one tick
+    /// in 2^32 where it would be, it is 1, and that lookup is redone at the next packet.
+    #[inline(always)]
+    pub fn expiry(now_jiffies: u32) -> u32 {
+        match now_jiffies.wrapping_add(NEXTHOP_TTL_JIFFIES) {
+            0 => 1,
+            e => e,
+        }
+    }
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
@@ -327,4 +355,62 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceMeta {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BackendMeta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn looked_up_at(now: u32) -> NextHop {
+        NextHop {
+            ifindex: 2,
+            expires_jiffies: NextHop::expiry(now),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_next_hop_is_fresh_for_its_ttl_and_not_after() {
+        for start in [
+            0u32,
+            1,
+            12_345,
+            u32::MAX - 100,
+            u32::MAX - NEXTHOP_TTL_JIFFIES,
+        ] {
+            let nh = looked_up_at(start);
+            assert!(nh.fresh(start), "at the lookup ({start})");
+            assert!(nh.fresh(start.wrapping_add(NEXTHOP_TTL_JIFFIES - 1)));
+            assert!(
+                !nh.fresh(start.wrapping_add(NEXTHOP_TTL_JIFFIES + 1)),
+                "after the TTL ({start})"
+            );
+            assert!(
+                !nh.fresh(start.wrapping_add(1 << 31)),
+                "long after ({start})"
+            );
+        }
+    }
+
+    #[test]
+    fn entries_older_programs_wrote_or_never_filled_are_stale() {
+        // An older program of this layout leaves expires_jiffies at 0.
+        let old = NextHop {
+            ifindex: 2,
+            expires_ns: u64::MAX,
+            ..Default::default()
+        };
+        for now in [0u32, 1, 250, u32::MAX] {
+            assert!(!old.fresh(now));
+        }
+        // The expiry is never 0, even where the tick count wraps to it.
+        assert_ne!(NextHop::expiry(0u32.wrapping_sub(NEXTHOP_TTL_JIFFIES)), 0);
+        assert!(looked_up_at(0u32.wrapping_sub(NEXTHOP_TTL_JIFFIES)).fresh(0u32.wrapping_sub(1)));
+        // No egress interface: nothing to use.
+        let empty = NextHop {
+            ifindex: 0,
+            ..looked_up_at(7)
+        };
+        assert!(!empty.fresh(7));
+    }
 }

@@ -43,7 +43,7 @@ pub static CONNS: LruHashMap<FlowKey, Conn> =
 pub static TOKENS: LruHashMap<u32, TokenEntry> =
     LruHashMap::with_max_entries(DEFAULT_TOKEN_ENTRIES, 0);
 
-/// Route lookups per backend, per CPU, reused for NEXTHOP_TTL_NS: a FIB lookup per
+/// Route lookups per backend, per CPU, reused for NEXTHOP_TTL_JIFFIES: a FIB lookup per
 /// packet costs more than the rest of the fast path.
 #[map(name = "LB_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -14,10 +14,12 @@ use lb_userspace::{
 };
 use mptcp_lb_tests::{
     fixture::{Fixture, Output, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, run_once, run_table},
+    netns::{Netns, wait_until},
     packets::*,
     privileged,
     testenv::*,
 };
+use std::time::{Duration, Instant};
 
 fn case(description: &str, input: Vec<u8>, verdict: u32, output: Output) -> Fixture {
     Fixture {
@@ -412,6 +414,57 @@ fn removed_backend_connections_are_replaced() {
             "outer destination is the new backend"
         );
         assert_eq!(dp.counter(Counter::ConnRepick).expect("counter"), 1);
+    });
+}
+
+/// The next hop of a backend is cached per CPU for NEXTHOP_TTL_JIFFIES (1 s at HZ=250):
+/// a neighbour that changes its MAC address gets the balancer's packets within that
+/// time, not never (and not by a route lookup per packet).
+#[test]
+fn a_changed_neighbour_gets_the_packets_within_the_cache_ttl() {
+    if !privileged("a_changed_neighbour_gets_the_packets_within_the_cache_ttl") {
+        return;
+    }
+    let env = environment("nhttl");
+    let ifindex = env.ifindex;
+    let ns_name = env.ns.name().to_string();
+    env.ns.within(move || {
+        // The cache is per CPU: on one CPU only, a packet cannot dodge a stale entry by
+        // running where there is none.
+        // SAFETY: a zeroed cpu_set_t is valid; the call only reads it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0,
+                "pin to CPU 0"
+            );
+        }
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
+        configure(&mut dp);
+        let ack = tcp4(CLIENT4, vip4(1), 50002, 80, ACK, &[], b"x");
+        let dmac = |dp: &mut Dataplane| {
+            let (verdict, out) = run_once(dp.program(), &ack, ifindex);
+            assert_eq!(verdict, XDP_TX);
+            <[u8; 6]>::try_from(&out[..6]).expect("6 bytes")
+        };
+        assert_eq!(dmac(&mut dp), GW_MAC, "the route's neighbour");
+        let moved = [0x02, 0xaa, 0, 0, 0, 0x09];
+        let ns = Netns::existing(&ns_name);
+        ns.neigh_permanent("lb0", "10.10.0.254", "02:aa:00:00:00:09");
+        let changed = Instant::now();
+        let cached = dmac(&mut dp) == GW_MAC;
+        // 250 jiffies is 2.5 s at HZ=100, the slowest tick a kernel may have.
+        wait_until(
+            Duration::from_secs(4),
+            "the new neighbour MAC in the output",
+            || (dmac(&mut dp) == moved).then_some(()),
+        );
+        println!(
+            "neighbour change reached the dataplane after {:?} (first packet after it on the cached MAC: {cached})",
+            changed.elapsed()
+        );
     });
 }
 
