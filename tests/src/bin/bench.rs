@@ -517,9 +517,9 @@ fn main() {
         "one 5-tuple: the same frame every iteration (a SYN rewrites its own entry); new flow: a new",
         "source address every iteration (a fresh insert into the 1M-entry table each time).",
         "over the SYN-flood limit: max_conn_rate reached, so the SYN is forwarded but not recorded.",
-        "Katran: median ns from ../shared/PLATFORM.md, its bare-XDP_PASS floor at 15ns there. Its",
-        "SYN figures sit beside our rows over the flood limit: Katran skips the LRU insert above",
-        "125k new connections a second per CPU (MAX_CONN_RATE), which any benchmark run exceeds.",
+        "Katran: median ns from ../shared/PLATFORM.md, measured when the bare XDP_PASS floor was",
+        "15ns (compare the first row). Over the SYN-flood limit, Katran also skips its LRU insert",
+        "(above 125k new connections a second per CPU). Katran run side by side: README.md.",
     ] {
         println!("{line}");
     }
