@@ -262,6 +262,10 @@ impl NextHop {
     }
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+// The dataplane copies the two MAC addresses as the first 12 bytes of a NextHop, in
+// Ethernet order (destination, then source).
+const _: () =
+    assert!(core::mem::offset_of!(NextHop, dmac) == 0 && core::mem::offset_of!(NextHop, smac) == 6);
 
 /// Longest service name the metadata map holds.
 pub const SERVICE_NAME_LEN: usize = 32;
