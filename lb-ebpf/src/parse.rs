@@ -142,8 +142,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
             pkt.tcp_flags = field(tcp, 13);
             let doff: u8 = field(tcp, 12);
             pkt.tcp_hlen = ((doff >> 4) as usize) * 4;
-            // A data offset below 5 is a broken header: treat it like a cut one.
-            if pkt.tcp_hlen < TCP_MIN_HLEN {
+            // A data offset below 5 is a broken header, one past the end of the IP
+            // packet a cut one (its options would be read from padding or nothing).
+            if pkt.tcp_hlen < TCP_MIN_HLEN
+                || pkt.l4_off + pkt.tcp_hlen > pkt.l3_off + pkt.ip_len as usize
+            {
                 pkt.l4_truncated = true;
             }
         }

@@ -701,6 +701,11 @@ fn mptcp_fixtures() {
         let past_end = tcp4(CLIENT4, vip4(6), 41601, 80, SYN, &[1, 1, 30, 12], &[]);
         let mut doff4 = tcp4(CLIENT4, vip4(6), 41602, 80, SYN, &[], &[]);
         doff4[46] = 0x40;
+        // A join whose data offset claims 40 option bytes where the IP packet has 12;
+        // the frame is padded so that the claimed bytes exist, but outside the packet.
+        let mut doff15 = join4.clone();
+        doff15[46] = 0xf0;
+        doff15.extend_from_slice(&[0; 28]);
         let plain = |p: &[u8], port: u16| tx(p, backend_of(&key4(CLIENT4, vip4(6), port, 80, 6)));
 
         let table = vec![
@@ -806,6 +811,12 @@ fn mptcp_fixtures() {
                 XDP_DROP,
                 Output::Unchanged,
             ),
+            case(
+                "TCP header running past the IP packet (into padding): dropped",
+                doff15,
+                XDP_DROP,
+                Output::Unchanged,
+            ),
         ];
         run_table(dp.program(), &table, ifindex);
 
@@ -851,6 +862,8 @@ fn mptcp_fixtures() {
         assert_eq!(c(Counter::TokenCollision), 1);
         assert_eq!(c(Counter::JoinRouted), 2);
         assert_eq!(c(Counter::JoinUnknownDropped), 1);
+        // Data offsets 4 and 15 (past the IP packet).
+        assert_eq!(c(Counter::DropTruncated), 2);
 
         // Policy `hash`: an unknown token is placed by Maglev on the token itself.
         dp.set_config(Config {
