@@ -618,6 +618,13 @@ fn mptcp_fixtures() {
             &[],
         );
         let join6 = tcp6(CLIENT6, vip6(6), 43000, 80, SYN, &mp_join_syn(token_a), &[]);
+        // The same join at the very end of a full option space (40 bytes, data offset 15).
+        let join40_port = (join_port + 1..)
+            .find(|p| backend_of(&key4(other, vip4(6), *p, 80, 6)) != owner)
+            .expect("a second 5-tuple that hashes to another backend");
+        let mut nops_then_join = vec![1u8; 28];
+        nops_then_join.extend_from_slice(&mp_join_syn(token_a));
+        let join40 = tcp4(other, vip4(6), join40_port, 80, SYN, &nops_then_join, &[]);
         let join6_out = ipip4(GW_MAC, lb_mac, LB4, be_addr(owner), &ip_of(&join6));
 
         // Connections B (len 22) and C (len 24): the third ACK was lost, data carries the keys.
@@ -732,6 +739,12 @@ fn mptcp_fixtures() {
                 join6,
                 XDP_TX,
                 Output::Exactly(join6_out),
+            ),
+            case(
+                "MP_JOIN SYN in the last 12 of 40 option bytes -> token's backend",
+                join40.clone(),
+                XDP_TX,
+                tx(&join40, owner),
             ),
             case(
                 "MP_CAPABLE SYN (B)",
@@ -860,7 +873,7 @@ fn mptcp_fixtures() {
         assert_eq!(c(Counter::TokenLearnedV1), 3);
         assert_eq!(c(Counter::TokenLearnedV0), 1);
         assert_eq!(c(Counter::TokenCollision), 1);
-        assert_eq!(c(Counter::JoinRouted), 2);
+        assert_eq!(c(Counter::JoinRouted), 3);
         assert_eq!(c(Counter::JoinUnknownDropped), 1);
         // Data offsets 4 and 15 (past the IP packet).
         assert_eq!(c(Counter::DropTruncated), 2);
