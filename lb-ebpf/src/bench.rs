@@ -3,12 +3,17 @@
 //! its own output. These wrappers restore the original frame from `LB_BENCH` first.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+    bindings::{BPF_NOEXIST, xdp_action},
+    helpers::generated::bpf_xdp_adjust_head,
+    programs::XdpContext,
 };
-use lb_common::maps::{BENCH_FRAME, CONN_MPTCP};
+use lb_common::{
+    maps::{BENCH_FRAME, CONN_MPTCP, TokenEntry},
+    mptcp,
+};
 
 use crate::{
-    maps::{BENCH, CONNS},
+    maps::{BENCH, CONNS, OPTION_SCRATCH, TOKENS},
     parse::ptr_at,
 };
 
@@ -73,5 +78,53 @@ pub fn reset_only(ctx: &XdpContext) -> u32 {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_ABORTED
+    }
+}
+
+/// The iteration number `reset` just advanced (a new value every iteration).
+#[inline(always)]
+fn seq() -> Option<u32> {
+    BENCH.get(0).map(|b| b.seq)
+}
+
+/// One part of the learning ACK alone: SHA-256 of a new 8-byte key, in the same
+/// per-CPU schedule window `mptcp::learn` uses. The token is stored there, so the
+/// computation cannot be left out.
+#[inline(always)]
+pub fn sha256_only(ctx: &XdpContext) -> u32 {
+    if !reset(ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    let (Some(seq), Some(scratch)) = (seq(), OPTION_SCRATCH.get_ptr_mut(0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a live, 8-aligned per-CPU map value of 128 bytes, used by this program only.
+    let w = unsafe { &mut *(scratch as *mut [u32; 16]) };
+    let token = mptcp::token_v1_in(0x7a9c_0000_0000_0000 | seq as u64, w);
+    w[0] = token;
+    xdp_action::XDP_PASS
+}
+
+/// The other part alone: the token-table insert `mptcp::learn` makes for a token nobody
+/// holds (a new, well-spread token every iteration).
+#[inline(always)]
+pub fn token_insert_only(ctx: &XdpContext) -> u32 {
+    if !reset(ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(seq) = seq() else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let entry = TokenEntry {
+        backend: 1,
+        service: 1,
+        learned_ns: 1,
+        last_seen_ns: 1,
+        version: 1,
+        _pad: 0,
+    };
+    match TOKENS.insert(seq.wrapping_mul(0x9e37_79b9), entry, BPF_NOEXIST as u64) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_ABORTED,
     }
 }

@@ -43,6 +43,18 @@ pub fn bench_reset(ctx: XdpContext) -> u32 {
     bench::reset_only(&ctx)
 }
 
+/// Benchmark part: SHA-256 of a key alone (the learning ACK's token derivation).
+#[xdp]
+pub fn bench_sha256(ctx: XdpContext) -> u32 {
+    bench::sha256_only(&ctx)
+}
+
+/// Benchmark part: one token-table insert alone (the learning ACK's record).
+#[xdp]
+pub fn bench_token_insert(ctx: XdpContext) -> u32 {
+    bench::token_insert_only(&ctx)
+}
+
 /// Does nothing but pass: the floor that `cargo xtask bench` measures beside the balancer.
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {

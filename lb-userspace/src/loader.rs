@@ -11,6 +11,10 @@ pub const PROG_DECAP: &str = "lb_decap";
 pub const PROG_BENCH_BALANCER: &str = "bench_balancer";
 /// Benchmark harness: restore the frame only.
 pub const PROG_BENCH_RESET: &str = "bench_reset";
+/// Benchmark part: restore the frame, then SHA-256 of a new key.
+pub const PROG_BENCH_SHA256: &str = "bench_sha256";
+/// Benchmark part: restore the frame, then one token-table insert of a new token.
+pub const PROG_BENCH_TOKEN_INSERT: &str = "bench_token_insert";
 /// Name of the bare XDP_PASS program (the benchmark floor).
 pub const PROG_PASS: &str = "xdp_pass";
 
