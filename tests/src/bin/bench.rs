@@ -212,6 +212,23 @@ fn main() {
             family: 4,
             _pad: [0; 2],
         };
+        // An MPTCP connection whose token is learned: its packets refresh the token.
+        let mp_ack = |flags, opts: &[u8], payload: &[u8]| {
+            tcp4(CLIENT4, vip4(6), 41001, 80, flags, opts, payload)
+        };
+        for (frame, what) in [
+            (mp_ack(SYN, &MP_CAPABLE_SYN_V1, &[]), "its SYN"),
+            (
+                mp_ack(
+                    ACK,
+                    &mp_capable_keys(1, 20, 0x2222, 0x5eed_0000_0000_0001),
+                    &[],
+                ),
+                "its third ACK",
+            ),
+        ] {
+            assert_eq!(run_once(dp.program(), &frame, ifindex).0, XDP_TX, "{what}");
+        }
         let known = token_v1(0x7a9c_3840_1a72_f870);
         let now = monotonic_ns();
         let entry = TokenEntry {
@@ -280,6 +297,13 @@ fn main() {
                 None,
             ),
             class("established ACK (table hit)", ack, XDP_TX, 0, Some(159)),
+            class(
+                "established ACK, MPTCP (token kept fresh)",
+                mp_ack(ACK, &[], b"GET / HTTP/1.1\r\n\r\n"),
+                XDP_TX,
+                0,
+                None,
+            ),
             class(
                 "IPv6 SYN, one 5-tuple (IP6IP6)",
                 tcp6(CLIENT6, vip6(4), 40000, 80, SYN, &[], &[]),
