@@ -167,6 +167,13 @@ pub const CONN_MPTCP: u32 = 1;
 pub const CONN_TOKEN_DONE: u32 = 2;
 /// `Conn::flags`: the flow is an additional subflow (it began with MP_JOIN).
 pub const CONN_JOIN: u32 = 4;
+/// `Conn::flags`: the `CONN_*` bits. The high 16 bits of a flow that knows its token hold
+/// the stamp of its last token refresh ([`Conn::refresh_due`]).
+pub const CONN_BITS: u32 = 0xffff;
+/// A refresh stamp counts jiffies in units of 2^6: 64 ms at HZ=1000, 256 ms at HZ=250,
+/// 640 ms at HZ=100; below `TOKEN_REFRESH_NS` at any HZ, so the token's own one-second
+/// rule still decides when `last_seen_ns` is written.
+const REFRESH_UNIT_SHIFT: u32 = 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -179,6 +186,29 @@ pub struct Conn {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 16);
+
+impl Conn {
+    /// The high half of `flags` once the flow refreshed its token at `jiffies`: bit 31
+    /// set (a flow that never refreshed has 0 there), then 15 bits of the time unit.
+    #[inline(always)]
+    pub fn refresh_stamp(jiffies: u64) -> u32 {
+        (1 << 31) | ((jiffies >> REFRESH_UNIT_SHIFT) as u32 & 0x7fff) << 16
+    }
+
+    /// Whether a packet at `jiffies` should refresh the flow's token: not when an earlier
+    /// packet did within the same time unit. This spares the token-table lookup to all
+    /// but a few packets a second of every MPTCP subflow.
+    #[inline(always)]
+    pub fn refresh_due(&self, jiffies: u64) -> bool {
+        self.flags & !CONN_BITS != Self::refresh_stamp(jiffies)
+    }
+
+    /// `flags` with the refresh stamp of `jiffies` and the same `CONN_*` bits.
+    #[inline(always)]
+    pub fn refreshed_flags(&self, jiffies: u64) -> u32 {
+        self.flags & CONN_BITS | Self::refresh_stamp(jiffies)
+    }
+}
 
 /// What the balancer knows of a learned MPTCP token.
 #[repr(C)]
@@ -364,6 +394,45 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_refresh_is_due_once_per_time_unit() {
+        let unit = 1u64 << REFRESH_UNIT_SHIFT;
+        for start in [
+            0u64,
+            1,
+            63,
+            64,
+            12_345,
+            (0x7fff << REFRESH_UNIT_SHIFT) + 5,
+            u64::MAX - 70,
+        ] {
+            for kind in [
+                CONN_MPTCP | CONN_TOKEN_DONE,
+                CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN,
+            ] {
+                let mut c = Conn {
+                    backend: 1,
+                    service: 1,
+                    token: 0x4e4b_2c90,
+                    flags: kind,
+                };
+                assert!(
+                    c.refresh_due(start),
+                    "a flow that never refreshed ({start})"
+                );
+                c.flags = c.refreshed_flags(start);
+                assert_eq!(c.flags & CONN_BITS, kind, "the kind bits are kept");
+                let unit_start = start & !(unit - 1);
+                assert!(!c.refresh_due(start));
+                assert!(!c.refresh_due(unit_start + unit - 1), "same unit ({start})");
+                assert!(
+                    c.refresh_due(unit_start.wrapping_add(unit)),
+                    "the next unit ({start})"
+                );
+            }
+        }
+    }
 
     fn looked_up_at(now: u32) -> NextHop {
         NextHop {

@@ -1,7 +1,9 @@
 //! The balancer's decision: which packets are ours, which backend gets them.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
 };
 use lb_common::{
     counters::Counter,
@@ -214,7 +216,13 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                 backend_id = c.backend;
                 count(Counter::ConnHit);
                 if c.token != 0 {
-                    mptcp::refresh(c.token, c.backend);
+                    // SAFETY: plain helper call; the verifier inlines it as a load.
+                    let jiffies = unsafe { bpf_jiffies64() };
+                    if c.refresh_due(jiffies) {
+                        // SAFETY: conn is the live map value read above.
+                        unsafe { (*conn).flags = c.refreshed_flags(jiffies) };
+                        mptcp::refresh(c.token, c.backend);
+                    }
                 } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP {
                     mptcp::learn(ctx, &pkt, cfg, conn);
                 }

@@ -143,7 +143,8 @@ fn count_learned(version: u8) {
     });
 }
 
-/// Traffic on any subflow keeps its connection's token alive (at most one write a second).
+/// Traffic on any subflow keeps its connection's token alive (at most one write a second;
+/// the caller looks the token up only a few times a second per flow, `Conn::refresh_due`).
 #[inline(always)]
 pub fn refresh(token: u32, backend: u32) {
     if let Some(e) = TOKENS.get_ptr_mut(token) {

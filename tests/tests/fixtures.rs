@@ -556,6 +556,108 @@ fn syn_flood_guard_records_at_the_next_packet() {
     });
 }
 
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of the token table's times.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
+    if !privileged("an_idle_token_expires_and_subflow_traffic_keeps_one_alive") {
+        return;
+    }
+    let env = environment("idle");
+    let ifindex = env.ifindex;
+    env.ns.within(move || {
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
+        configure(&mut dp);
+        let run = |dp: &mut Dataplane, frame: &[u8]| run_once(dp.program(), frame, ifindex).0;
+        // Connections A and B learn their tokens.
+        let (key_a, key_b) = (0x0aaa_0000_0000_0011u64, 0x0bbb_0000_0000_0012u64);
+        for (port, key) in [(41100u16, key_a), (41101, key_b)] {
+            let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+            let keys = mp_capable_keys(1, 20, 0x1234, key);
+            let ack = tcp4(CLIENT4, vip4(6), port, 80, ACK, &keys, &[]);
+            assert_eq!((run(&mut dp, &syn), run(&mut dp, &ack)), (XDP_TX, XDP_TX));
+        }
+        let (token_a, token_b) = (sha256_token(key_a), sha256_token(key_b));
+        let owner_a = dp
+            .maps
+            .conns
+            .get(&key4(CLIENT4, vip4(6), 41100, 80, 6), 0)
+            .expect("flow A")
+            .backend;
+        // Both fall silent for longer than the idle time (the default hour): their last
+        // traffic is moved back in the table rather than waited for. Wrapping, as the
+        // dataplane computes ages: a machine up for less than an hour has no such past.
+        let rewind = |dp: &mut Dataplane, token: u32| {
+            let mut e = dp.maps.tokens.get(&token, 0).expect("a learned token");
+            e.last_seen_ns = coarse_now_ns()
+                .wrapping_sub(lb_common::maps::DEFAULT_TOKEN_IDLE_NS + 1_000_000_000);
+            dp.maps.tokens.insert(token, e, 0).expect("rewind");
+        };
+        rewind(&mut dp, token_a);
+        rewind(&mut dp, token_b);
+
+        // A packet on A's first subflow: A's token is alive again.
+        let before = coarse_now_ns();
+        let data_a = tcp4(CLIENT4, vip4(6), 41100, 80, ACK, &[], b"more");
+        assert_eq!(run(&mut dp, &data_a), XDP_TX);
+        let a = dp.maps.tokens.get(&token_a, 0).expect("token A");
+        assert!(
+            a.last_seen_ns >= before,
+            "traffic on A's subflow refreshed its token"
+        );
+
+        // Joins: A's reaches A's backend; B's token went idle, so B's join is unknown.
+        let other = [192, 0, 2, 88];
+        let join =
+            |token: u32, port: u16| tcp4(other, vip4(6), port, 80, SYN, &mp_join_syn(token), &[]);
+        assert_eq!(run(&mut dp, &join(token_a, 45100)), XDP_TX);
+        let joined = dp.maps.conns.get(&key4(other, vip4(6), 45100, 80, 6), 0);
+        assert_eq!(joined.expect("A's join recorded").backend, owner_a);
+        assert_eq!(
+            run(&mut dp, &join(token_b, 45101)),
+            XDP_DROP,
+            "B's join (idle token)"
+        );
+        assert!(
+            dp.maps.tokens.get(&token_b, 0).is_err(),
+            "B's idle entry is removed"
+        );
+
+        // Traffic on A's second subflow (the join) keeps the token alive as well.
+        rewind(&mut dp, token_a);
+        let before = coarse_now_ns();
+        assert_eq!(
+            run(&mut dp, &tcp4(other, vip4(6), 45100, 80, ACK, &[], b"x")),
+            XDP_TX
+        );
+        let a = dp.maps.tokens.get(&token_a, 0).expect("token A");
+        assert!(
+            a.last_seen_ns >= before,
+            "traffic on A's join refreshed its token"
+        );
+        assert_eq!(run(&mut dp, &join(token_a, 45102)), XDP_TX);
+
+        let c = |k| dp.counter(k).expect("counter");
+        assert_eq!(
+            (
+                c(Counter::JoinRouted),
+                c(Counter::TokenExpired),
+                c(Counter::JoinUnknownDropped)
+            ),
+            (2, 1, 1)
+        );
+    });
+}
+
 fn sha256_token(key: u64) -> u32 {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(key.to_be_bytes());
