@@ -556,6 +556,89 @@ fn syn_flood_guard_records_at_the_next_packet() {
     });
 }
 
+/// `cargo xtask bench` runs bench-only programs, and CI does not run the bench: they all
+/// pass the verifier, and the learning ACK's two parts each do the work their row claims.
+#[test]
+fn the_bench_part_programs_do_the_work_they_measure() {
+    use aya::maps::{Array, PerCpuArray};
+    use lb_common::maps::{BENCH_FRAME, BenchFrame, MAP_BENCH};
+    use lb_userspace::loader::{
+        PROG_BENCH_BALANCER, PROG_BENCH_RESET, PROG_BENCH_SHA256, PROG_BENCH_TOKEN_INSERT,
+    };
+    if !privileged("the_bench_part_programs_do_the_work_they_measure") {
+        return;
+    }
+    let env = environment("bp");
+    let ifindex = env.ifindex;
+    env.ns.within(move || {
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
+        configure(&mut dp);
+        // All four bench programs pass the verifier; the two parts are run below.
+        for name in [
+            PROG_BENCH_BALANCER,
+            PROG_BENCH_RESET,
+            PROG_BENCH_SHA256,
+            PROG_BENCH_TOKEN_INSERT,
+        ] {
+            let p: &mut aya::programs::Xdp = dp
+                .ebpf
+                .program_mut(name)
+                .expect("bench program")
+                .try_into()
+                .expect("xdp");
+            p.load()
+                .unwrap_or_else(|e| panic!("the verifier refused {name}: {e:#}"));
+        }
+        // The wrapper restores frames in 8-byte words: padded, as the bench pads them.
+        let mut frame = tcp4(CLIENT4, vip4(1), 40000, 80, SYN, &[], &[]);
+        frame.resize(frame.len().next_multiple_of(8), 0);
+        let mut bytes = [0u8; BENCH_FRAME];
+        bytes[..frame.len()].copy_from_slice(&frame);
+        let seq = 0x5000u32;
+        let mut bench: Array<_, BenchFrame> =
+            Array::try_from(dp.ebpf.map_mut(MAP_BENCH).expect("bench map")).expect("array");
+        let b = BenchFrame {
+            len: frame.len() as u32,
+            vary_off: 0,
+            relearn: 0,
+            seq,
+            flow: FlowKey::default(),
+            bytes,
+        };
+        bench.set(0, b, 0).expect("bench frame");
+        let run = |dp: &Dataplane, name: &str| {
+            let p: &aya::programs::Xdp = dp
+                .ebpf
+                .program(name)
+                .expect("bench program")
+                .try_into()
+                .expect("xdp");
+            run_once(p, &frame, ifindex).0
+        };
+
+        // Each run advances the iteration number: the key of the first is seq + 1.
+        assert_eq!(run(&dp, PROG_BENCH_SHA256), XDP_PASS);
+        let want = sha256_token(0x7a9c_0000_0000_0000 | u64::from(seq + 1));
+        let scratch: PerCpuArray<_, [u8; 128]> =
+            PerCpuArray::try_from(dp.ebpf.map("LB_SCRATCH").expect("scratch map"))
+                .expect("per-CPU");
+        let per_cpu = scratch.get(&0, 0).expect("scratch");
+        assert!(
+            per_cpu
+                .iter()
+                .any(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) == want),
+            "bench_sha256 left the SHA-256 token of its key ({want:#010x})"
+        );
+
+        assert_eq!(run(&dp, PROG_BENCH_TOKEN_INSERT), XDP_PASS);
+        let token = (seq + 2).wrapping_mul(0x9e37_79b9);
+        assert!(
+            dp.maps.tokens.get(&token, 0).is_ok(),
+            "bench_token_insert inserted its token ({token:#010x})"
+        );
+    });
+}
+
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of the token table's times.
 fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec {
