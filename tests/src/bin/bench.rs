@@ -569,7 +569,7 @@ fn main() {
             .and_then(|r| r.floor.as_ref().map(|f| median(&r.ns) - median(f)))
     };
     if let (Some(ack), Some(sha), Some(insert)) = (
-        net("established ACK"),
+        net("established ACK (table hit)"),
         net("  its part: SHA-256"),
         net("  its part: token-table insert"),
     ) {
@@ -586,6 +586,8 @@ fn main() {
         "one 5-tuple: the same frame every iteration (a SYN rewrites its own entry); new flow: a new",
         "source address every iteration (a fresh insert into the 1M-entry table each time).",
         "over the SYN-flood limit: max_conn_rate reached, so the SYN is forwarded but not recorded.",
+        "established ACK, MPTCP: a subflow whose token is learned; it looks the token up (to keep it",
+        "alive) at most once per 64 kernel ticks: within a call, at most its first iteration does.",
         "its part ... alone: the wrapper, then only SHA-256 of a new key (or only the insert of a new",
         "token into the 1M-entry token table, as learning does it), then XDP_PASS.",
         "Katran: median ns from ../shared/PLATFORM.md, measured when the bare XDP_PASS floor was",
