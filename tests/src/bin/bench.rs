@@ -130,16 +130,6 @@ fn padded(mut frame: Vec<u8>) -> Vec<u8> {
     frame
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -230,7 +220,7 @@ fn main() {
             assert_eq!(run_once(dp.program(), &frame, ifindex).0, XDP_TX, "{what}");
         }
         let known = token_v1(0x7a9c_3840_1a72_f870);
-        let now = monotonic_ns();
+        let now = lb_userspace::inspect::monotonic_ns();
         let entry = TokenEntry {
             backend: 5,
             service: 5,
