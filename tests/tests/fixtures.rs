@@ -30,19 +30,61 @@ fn case(description: &str, input: Vec<u8>, verdict: u32, output: Output) -> Fixt
     }
 }
 
-#[test]
-fn balancer_fixtures() {
-    if !privileged("balancer_fixtures") {
+/// What a test here knows of its balancer's namespace and link.
+struct Link {
+    ns_name: String,
+    ifindex: u32,
+    lb_mac: [u8; 6],
+    out_mac: [u8; 6],
+}
+
+/// The frame of every test here. Without root it says why and stops (`privileged`; under
+/// CI=true it fails instead). Otherwise `body` runs inside the new namespace `mlb-<tag>`
+/// with the balancer loaded and configured, and gets `configure`'s Maglev ring.
+fn with_balancer(
+    test: &str,
+    tag: &str,
+    body: impl FnOnce(Dataplane, Vec<u32>, Link) + Send + 'static,
+) {
+    if !privileged(test) {
         return;
     }
-    let env = environment("fx");
-    let (lb_mac, out_mac, ifindex) = (env.lb_mac, env.out_mac, env.ifindex);
-    let ring = env.ns.within(move || {
+    let env = environment(tag);
+    let link = Link {
+        ns_name: env.ns.name().to_string(),
+        ifindex: env.ifindex,
+        lb_mac: env.lb_mac,
+        out_mac: env.out_mac,
+    };
+    env.ns.within(move || {
         let mut dp = Dataplane::load(TEST_SIZES).expect("load balancer");
         let ring = configure(&mut dp);
-        let table = table(lb_mac, out_mac, &ring);
+        body(dp, ring, link);
+    });
+}
+
+/// Keeps the calling thread on CPU 0, so per-CPU dataplane state (the next-hop cache,
+/// the SYN-flood window) has one value the test can reason about.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0,
+            "pin to CPU 0"
+        );
+    }
+}
+
+#[test]
+fn balancer_fixtures() {
+    with_balancer("balancer_fixtures", "fx", |mut dp, ring, link| {
+        assert_eq!(ring.len(), RING as usize);
+        let table = table(link.lb_mac, link.out_mac, &ring);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_table(dp.program(), &table, ifindex)
+            run_table(dp.program(), &table, link.ifindex)
         }));
         for (c, v) in dp.counters().expect("counters") {
             if v > 0 {
@@ -53,9 +95,7 @@ fn balancer_fixtures() {
             std::panic::resume_unwind(p);
         }
         check_state_after_table(&dp);
-        ring
     });
-    assert_eq!(ring.len(), RING as usize);
 }
 
 /// The connection table and counters the table must have left behind.
@@ -374,14 +414,9 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
 
 #[test]
 fn removed_backend_connections_are_replaced() {
-    if !privileged("removed_backend_connections_are_replaced") {
-        return;
-    }
-    let env = environment("repick");
-    let ifindex = env.ifindex;
-    env.ns.within(move || {
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
-        configure(&mut dp);
+    let test = "removed_backend_connections_are_replaced";
+    with_balancer(test, "repick", |mut dp, _, link| {
+        let ifindex = link.ifindex;
         let syn = tcp4(CLIENT4, vip4(6), 50001, 80, SYN, &[], &[]);
         let ack = tcp4(CLIENT4, vip4(6), 50001, 80, ACK, &[], b"x");
         assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
@@ -422,27 +457,12 @@ fn removed_backend_connections_are_replaced() {
 /// time, not never (and not by a route lookup per packet).
 #[test]
 fn a_changed_neighbour_gets_the_packets_within_the_cache_ttl() {
-    if !privileged("a_changed_neighbour_gets_the_packets_within_the_cache_ttl") {
-        return;
-    }
-    let env = environment("nhttl");
-    let ifindex = env.ifindex;
-    let ns_name = env.ns.name().to_string();
-    env.ns.within(move || {
+    let test = "a_changed_neighbour_gets_the_packets_within_the_cache_ttl";
+    with_balancer(test, "nhttl", |mut dp, _, link| {
         // The cache is per CPU: on one CPU only, a packet cannot dodge a stale entry by
         // running where there is none.
-        // SAFETY: a zeroed cpu_set_t is valid; the call only reads it.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-                0,
-                "pin to CPU 0"
-            );
-        }
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
-        configure(&mut dp);
+        pin_to_cpu0();
+        let ifindex = link.ifindex;
         let ack = tcp4(CLIENT4, vip4(1), 50002, 80, ACK, &[], b"x");
         let dmac = |dp: &mut Dataplane| {
             let (verdict, out) = run_once(dp.program(), &ack, ifindex);
@@ -451,7 +471,7 @@ fn a_changed_neighbour_gets_the_packets_within_the_cache_ttl() {
         };
         assert_eq!(dmac(&mut dp), GW_MAC, "the route's neighbour");
         let moved = [0x02, 0xaa, 0, 0, 0, 0x09];
-        let ns = Netns::existing(&ns_name);
+        let ns = Netns::existing(&link.ns_name);
         ns.neigh_permanent("lb0", "10.10.0.254", "02:aa:00:00:00:09");
         let changed = Instant::now();
         let cached = dmac(&mut dp) == GW_MAC;
@@ -473,24 +493,11 @@ fn a_changed_neighbour_gets_the_packets_within_the_cache_ttl() {
 /// packet, on the same backend. MP_CAPABLE SYNs are recorded whatever the rate.
 #[test]
 fn syn_flood_guard_records_at_the_next_packet() {
-    if !privileged("syn_flood_guard_records_at_the_next_packet") {
-        return;
-    }
-    let env = environment("flood");
-    let ifindex = env.ifindex;
-    env.ns.within(move || {
+    let test = "syn_flood_guard_records_at_the_next_packet";
+    with_balancer(test, "flood", |mut dp, _, link| {
         // The window is per CPU: keep every test run on one.
-        // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-                0
-            );
-        }
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
-        configure(&mut dp);
+        pin_to_cpu0();
+        let ifindex = link.ifindex;
         let mut cfg = dp.maps.config.get(&0, 0).expect("config");
         cfg.max_conn_rate = 2;
         dp.set_config(cfg).expect("config");
@@ -565,14 +572,9 @@ fn the_bench_part_programs_do_the_work_they_measure() {
     use lb_userspace::loader::{
         PROG_BENCH_BALANCER, PROG_BENCH_RESET, PROG_BENCH_SHA256, PROG_BENCH_TOKEN_INSERT,
     };
-    if !privileged("the_bench_part_programs_do_the_work_they_measure") {
-        return;
-    }
-    let env = environment("bp");
-    let ifindex = env.ifindex;
-    env.ns.within(move || {
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
-        configure(&mut dp);
+    let test = "the_bench_part_programs_do_the_work_they_measure";
+    with_balancer(test, "bp", |mut dp, _, link| {
+        let ifindex = link.ifindex;
         // All four bench programs pass the verifier; the two parts are run below.
         for name in [
             PROG_BENCH_BALANCER,
@@ -639,7 +641,9 @@ fn the_bench_part_programs_do_the_work_they_measure() {
     });
 }
 
-/// CLOCK_MONOTONIC_COARSE in ns: the clock of the token table's times.
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of the token table's times. Not
+/// `inspect::monotonic_ns`: the precise clock runs up to a tick ahead of it, and a time
+/// read before a packet must not be later than what the packet writes.
 fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -652,14 +656,9 @@ fn coarse_now_ns() -> u64 {
 
 #[test]
 fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
-    if !privileged("an_idle_token_expires_and_subflow_traffic_keeps_one_alive") {
-        return;
-    }
-    let env = environment("idle");
-    let ifindex = env.ifindex;
-    env.ns.within(move || {
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
-        configure(&mut dp);
+    let test = "an_idle_token_expires_and_subflow_traffic_keeps_one_alive";
+    with_balancer(test, "idle", |mut dp, _, link| {
+        let ifindex = link.ifindex;
         let run = |dp: &mut Dataplane, frame: &[u8]| run_once(dp.program(), frame, ifindex).0;
         // Connections A and B learn their tokens.
         let (key_a, key_b) = (0x0aaa_0000_0000_0011u64, 0x0bbb_0000_0000_0012u64);
@@ -755,14 +754,8 @@ fn sha1_token(key: u64) -> u32 {
 
 #[test]
 fn mptcp_fixtures() {
-    if !privileged("mptcp_fixtures") {
-        return;
-    }
-    let env = environment("mp");
-    let (lb_mac, ifindex) = (env.lb_mac, env.ifindex);
-    env.ns.within(move || {
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load");
-        let ring = configure(&mut dp);
+    with_balancer("mptcp_fixtures", "mp", |mut dp, ring, link| {
+        let (lb_mac, ifindex) = (link.lb_mac, link.ifindex);
         // The Maglev service also answers on an IPv6 VIP: joins may cross families.
         dp.add_vip(v6(vip6(6)), 80, 6, 5).expect("vip6");
         let backend_of = |k: &FlowKey| ring[(flow_hash(k, SEED) % RING) as usize];
