@@ -356,6 +356,15 @@ impl Controller {
             }
         }
 
+        // Backends that left are taken out of the controller's list before the rings
+        // are rebuilt from it: a ring built with them would keep their slots, and new
+        // connections hashed there would find no backend once their entries are cleared.
+        let removed: Vec<BackendState> = self
+            .backends
+            .extract_if(.., |id, _| !keep.contains(id))
+            .map(|(_, b)| b)
+            .collect();
+
         // Rings first (the backends above are in place), then new VIPs, then stale ones.
         let mut want_vips: HashMap<Vip, u32> = HashMap::new();
         for s in &new.services {
@@ -390,14 +399,8 @@ impl Controller {
 
         // Backends that left: out of every ring already (their services were rebuilt
         // above); now the connections to them re-pick and their tokens go.
-        let removed: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !keep.contains(id))
-            .copied()
-            .collect();
-        for id in removed {
-            let b = self.backends.remove(&id).expect("listed");
+        for b in removed {
+            let id = b.id;
             tracing::info!(service = %b.service, backend = %b.address, id, "backend removed");
             self.dp.maps.backends.set(id, Backend::default(), 0)?;
             self.dp

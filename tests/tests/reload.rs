@@ -1,0 +1,207 @@
+//! Every shape of reload an operator makes (add only, remove only, both, a weight change,
+//! a drain, every backend removed, backends back), applied by the daemon's controller to a
+//! loaded balancer. After each, the Maglev ring in the map must be exactly the ring a
+//! freshly started daemon builds from the same file (so every node of a fleet agrees,
+//! whatever reloads it went through), must name only backends that exist, and new
+//! connections (SYNs through BPF_PROG_TEST_RUN) must reach a backend, never be dropped
+//! for want of one.
+
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf};
+
+use lb_common::{counters::Counter, maps::BACKEND_ACTIVE};
+use lb_userspace::{
+    config::Config as FileConfig,
+    controller::Controller,
+    dataplane::{Dataplane, words_addr},
+    maglev,
+};
+use mptcp_lb_tests::{
+    fixture::{XDP_DROP, XDP_TX, run_once},
+    packets::{SYN, tcp4},
+    privileged,
+    testenv::{CLIENT4, RING, TEST_SIZES, environment, vip4},
+};
+
+/// The backends the reloads shuffle; 10.1.0.0/24 is routed out of the ingress link.
+const ADDRS: [&str; 4] = ["10.1.0.21", "10.1.0.22", "10.1.0.23", "10.1.0.24"];
+const SYNS: u16 = 300;
+
+/// One backend line of a configuration: its address index, weight and drain flag.
+type Be = (usize, u32, bool);
+
+fn file(backends: &[Be]) -> FileConfig {
+    let mut text = format!(
+        "[balancer]\ninterface = \"lb0\"\nring_size = {RING}\nhash_seed = 0x5eed\n\
+         source_v4 = \"10.10.0.1\"\n\n[[service]]\nname = \"web\"\n\
+         vips = [\"10.100.0.1:80/tcp\"]\n"
+    );
+    for (i, weight, drain) in backends {
+        text += &format!(
+            "  [[service.backend]]\n  address = \"{}\"\n  weight = {weight}\n  drain = {drain}\n",
+            ADDRS[*i]
+        );
+    }
+    FileConfig::parse("reload.toml", &text, |_| true).expect("a valid file")
+}
+
+/// Service 0's ring as the map holds it, each slot as its backend's address ("?" for an
+/// id with no backend entry, "-" for an empty slot).
+fn ring_addresses(dp: &Dataplane) -> Vec<String> {
+    (0..RING)
+        .map(|slot| {
+            let id = dp.maps.maglev.get(&slot, 0).expect("LB_MAGLEV slot");
+            if id == 0 {
+                return "-".to_string();
+            }
+            let b = dp.maps.backends.get(&id, 0).expect("LB_BACKENDS entry");
+            if b.flags == 0 {
+                "?".to_string()
+            } else {
+                words_addr(b.addr, b.family).to_string()
+            }
+        })
+        .collect()
+}
+
+/// The ring a daemon started afresh would build from `backends`, by address.
+fn fresh_ring(backends: &[Be]) -> Vec<String> {
+    let members: Vec<maglev::Member> = backends
+        .iter()
+        .filter(|(_, _, drain)| !drain)
+        .map(|(i, weight, _)| maglev::Member {
+            id: *i as u32 + 1,
+            key: ADDRS[*i].to_string(),
+            weight: *weight,
+        })
+        .collect();
+    maglev::build(&members, RING)
+        .into_iter()
+        .map(|id| {
+            if id == 0 {
+                "-".to_string()
+            } else {
+                ADDRS[id as usize - 1].to_string()
+            }
+        })
+        .collect()
+}
+
+/// SYNs from `SYNS` client ports: where each went (outer destination), or None if dropped.
+fn place_syns(dp: &mut Dataplane, ifindex: u32, round: u16) -> Vec<Option<IpAddr>> {
+    (0..SYNS)
+        .map(|i| {
+            let syn = tcp4(
+                CLIENT4,
+                vip4(1),
+                10_000 + round * SYNS + i,
+                80,
+                SYN,
+                &[],
+                &[],
+            );
+            let (verdict, out) = run_once(dp.program(), &syn, ifindex);
+            match verdict {
+                XDP_TX => {
+                    let dst: [u8; 4] = out[30..34].try_into().expect("outer dst");
+                    Some(IpAddr::from(dst))
+                }
+                XDP_DROP => None,
+                v => panic!("SYN {i}: unexpected verdict {v}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_reload_shape_leaves_the_ring_a_fresh_start_would_build() {
+    if !privileged("every_reload_shape_leaves_the_ring_a_fresh_start_would_build") {
+        return;
+    }
+    let env = environment("rld");
+    let ifindex = env.ifindex;
+    env.ns.within(move || {
+        let dp = Dataplane::load(TEST_SIZES).expect("load balancer");
+        let first: Vec<Be> = vec![(0, 1, false), (1, 1, false), (2, 1, false)];
+        let mut ctl =
+            Controller::start(dp, file(&first), PathBuf::from("reload.toml")).expect("first apply");
+        let shapes: [(&str, Vec<Be>); 8] = [
+            (
+                "add only",
+                vec![(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false)],
+            ),
+            ("remove only", vec![(0, 1, false), (1, 1, false)]),
+            ("remove one, add one", vec![(1, 1, false), (2, 1, false)]),
+            ("weight change", vec![(1, 3, false), (2, 1, false)]),
+            ("drain", vec![(1, 3, false), (2, 1, true)]),
+            ("remove the drained one", vec![(1, 3, false)]),
+            ("all backends removed", vec![]),
+            ("backends back", vec![(0, 1, false), (3, 2, false)]),
+        ];
+        for (round, (shape, backends)) in shapes.iter().enumerate() {
+            let dropped_before = ctl.dp.counter(Counter::DropNoBackend).expect("counter");
+            let summary = ctl.apply(&file(backends)).expect("reload");
+            println!("{shape}: {summary}");
+            let ring = ring_addresses(&ctl.dp);
+            assert!(
+                !ring.iter().any(|a| a == "?"),
+                "{shape}: the ring names a backend that is gone ({} slots)",
+                ring.iter().filter(|a| *a == "?").count()
+            );
+            let expected = fresh_ring(backends);
+            let differ = ring.iter().zip(&expected).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ, 0,
+                "{shape}: {differ} slots differ from the ring a fresh start builds"
+            );
+
+            // Only configured backends keep a dataplane entry; a drained one keeps it
+            // (its connections and joins still reach it) but takes no slot.
+            let live: BTreeSet<String> = (1..64u32)
+                .filter_map(|id| {
+                    let b = ctl.dp.maps.backends.get(&id, 0).ok()?;
+                    (b.flags != 0).then(|| words_addr(b.addr, b.family).to_string())
+                })
+                .collect();
+            let configured: BTreeSet<String> = backends
+                .iter()
+                .map(|(i, _, _)| ADDRS[*i].to_string())
+                .collect();
+            assert_eq!(live, configured, "{shape}: backend entries");
+            for id in 1..64u32 {
+                let b = ctl.dp.maps.backends.get(&id, 0).expect("entry");
+                let addr = words_addr(b.addr, b.family).to_string();
+                if let Some((_, _, drain)) = backends.iter().find(|(i, _, _)| ADDRS[*i] == addr)
+                    && b.flags != 0
+                {
+                    assert_eq!(b.flags == BACKEND_ACTIVE, !drain, "{shape}: {addr}'s flags");
+                }
+            }
+
+            // New connections: each reaches the backend its slot names; none is dropped
+            // unless the service has no backend at all.
+            let placed = place_syns(&mut ctl.dp, ifindex, round as u16);
+            let dropped = ctl.dp.counter(Counter::DropNoBackend).expect("counter") - dropped_before;
+            let in_ring: BTreeSet<String> =
+                expected.iter().filter(|a| *a != "-").cloned().collect();
+            if in_ring.is_empty() {
+                assert!(
+                    placed.iter().all(Option::is_none),
+                    "{shape}: no backend, no forward"
+                );
+                assert_eq!(
+                    dropped,
+                    u64::from(SYNS),
+                    "{shape}: counted as drop_no_backend"
+                );
+            } else {
+                assert_eq!(dropped, 0, "{shape}: SYNs dropped for want of a backend");
+                let reached: BTreeSet<String> =
+                    placed.iter().flatten().map(IpAddr::to_string).collect();
+                assert_eq!(
+                    reached, in_ring,
+                    "{shape}: backends that new connections reach"
+                );
+            }
+        }
+    });
+}
