@@ -10,6 +10,8 @@ use lb_userspace::{
     maglev,
 };
 
+use crate::privileged;
+
 use crate::netns::{Netns, veth};
 
 pub const CLIENT4: [u8; 4] = [192, 0, 2, 10];
@@ -195,3 +197,76 @@ pub const MP_CAPABLE_SYN_V1: [u8; 4] = [30, 4, 0x01, 0x01];
 pub const MP_CAPABLE_SYN_V0: [u8; 12] = [
     30, 12, 0x00, 0x01, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8,
 ];
+
+/// What a fixture test knows of its balancer's namespace and link.
+pub struct Link {
+    pub ns_name: String,
+    pub ifindex: u32,
+    pub lb_mac: [u8; 6],
+    pub out_mac: [u8; 6],
+}
+
+/// The frame of every fixture test. Without root it says why and stops (`privileged`; under
+/// CI=true it fails instead). Otherwise `body` runs inside the new namespace `mlb-<tag>`
+/// with the balancer loaded and configured, and gets `configure`'s Maglev ring.
+pub fn with_balancer(
+    test: &str,
+    tag: &str,
+    body: impl FnOnce(Dataplane, Vec<u32>, Link) + Send + 'static,
+) {
+    if !privileged(test) {
+        return;
+    }
+    let env = environment(tag);
+    let link = Link {
+        ns_name: env.ns.name().to_string(),
+        ifindex: env.ifindex,
+        lb_mac: env.lb_mac,
+        out_mac: env.out_mac,
+    };
+    env.ns.within(move || {
+        let mut dp = Dataplane::load(TEST_SIZES).expect("load balancer");
+        let ring = configure(&mut dp);
+        body(dp, ring, link);
+    });
+}
+
+/// Keeps the calling thread on CPU 0, so per-CPU dataplane state (the next-hop cache,
+/// the SYN-flood window) has one value the test can reason about.
+pub fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0,
+            "pin to CPU 0"
+        );
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of the token table's times. Not
+/// `inspect::monotonic_ns`: the precise clock runs up to a tick ahead of it, and a time
+/// read before a packet must not be later than what the packet writes.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn sha256_token(key: u64) -> u32 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(key.to_be_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+pub fn sha1_token(key: u64) -> u32 {
+    use sha1::Digest as _;
+    let d = sha1::Sha1::digest(key.to_be_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}

@@ -16,7 +16,6 @@ use mptcp_lb_tests::{
     fixture::{Fixture, Output, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, run_once, run_table},
     netns::{Netns, wait_until},
     packets::*,
-    privileged,
     testenv::*,
 };
 use std::time::{Duration, Instant};
@@ -27,54 +26,6 @@ fn case(description: &str, input: Vec<u8>, verdict: u32, output: Output) -> Fixt
         input,
         verdict,
         output,
-    }
-}
-
-/// What a test here knows of its balancer's namespace and link.
-struct Link {
-    ns_name: String,
-    ifindex: u32,
-    lb_mac: [u8; 6],
-    out_mac: [u8; 6],
-}
-
-/// The frame of every test here. Without root it says why and stops (`privileged`; under
-/// CI=true it fails instead). Otherwise `body` runs inside the new namespace `mlb-<tag>`
-/// with the balancer loaded and configured, and gets `configure`'s Maglev ring.
-fn with_balancer(
-    test: &str,
-    tag: &str,
-    body: impl FnOnce(Dataplane, Vec<u32>, Link) + Send + 'static,
-) {
-    if !privileged(test) {
-        return;
-    }
-    let env = environment(tag);
-    let link = Link {
-        ns_name: env.ns.name().to_string(),
-        ifindex: env.ifindex,
-        lb_mac: env.lb_mac,
-        out_mac: env.out_mac,
-    };
-    env.ns.within(move || {
-        let mut dp = Dataplane::load(TEST_SIZES).expect("load balancer");
-        let ring = configure(&mut dp);
-        body(dp, ring, link);
-    });
-}
-
-/// Keeps the calling thread on CPU 0, so per-CPU dataplane state (the next-hop cache,
-/// the SYN-flood window) has one value the test can reason about.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread; the call only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-            0,
-            "pin to CPU 0"
-        );
     }
 }
 
@@ -641,19 +592,6 @@ fn the_bench_part_programs_do_the_work_they_measure() {
     });
 }
 
-/// CLOCK_MONOTONIC_COARSE in ns: the clock of the token table's times. Not
-/// `inspect::monotonic_ns`: the precise clock runs up to a tick ahead of it, and a time
-/// read before a packet must not be later than what the packet writes.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[test]
 fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
     let test = "an_idle_token_expires_and_subflow_traffic_keeps_one_alive";
@@ -738,18 +676,6 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
             (2, 1, 1)
         );
     });
-}
-
-fn sha256_token(key: u64) -> u32 {
-    use sha2::Digest as _;
-    let d = sha2::Sha256::digest(key.to_be_bytes());
-    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
-}
-
-fn sha1_token(key: u64) -> u32 {
-    use sha1::Digest as _;
-    let d = sha1::Sha1::digest(key.to_be_bytes());
-    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }
 
 #[test]
