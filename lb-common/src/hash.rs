@@ -50,9 +50,53 @@ pub fn hash_u32(v: u32, seed: u32) -> u32 {
     fmix(mix(seed, v))
 }
 
+/// Most low bits of a tunnel's outer source that flow-hash bits may replace.
+pub const MAX_VARY_BITS: u32 = 16;
+
+/// A tunnel's outer source (network order): the configured address with its low `bits`
+/// (at most [`MAX_VARY_BITS`]) replaced by flow-hash bits, so a backend's NIC, which
+/// hashes the outer header, spreads flows over its queues.
+#[inline(always)]
+pub fn vary_source(addr_be: u32, bits: u32, hash: u32) -> u32 {
+    if bits == 0 {
+        return addr_be;
+    }
+    let bits = if bits > MAX_VARY_BITS {
+        MAX_VARY_BITS
+    } else {
+        bits
+    };
+    let mask = (1u32 << bits) - 1;
+    ((u32::from_be(addr_be) & !mask) | (hash & mask)).to_be()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_allowed_vary_width_varies_exactly_that_many_bits() {
+        let base = u32::from_be_bytes([192, 0, 2, 1]).to_be();
+        for bits in 0..=MAX_VARY_BITS {
+            let mut seen_low = 0u32;
+            let mut kept_high = true;
+            for h in [0u32, 0xffff_ffff, 0x1234_5678, 0x8765_4321] {
+                let out = u32::from_be(vary_source(base, bits, h));
+                let mask = if bits == 0 { 0 } else { (1u32 << bits) - 1 };
+                kept_high &= out & !mask == u32::from_be(base) & !mask;
+                seen_low |= out ^ u32::from_be(base);
+            }
+            assert!(kept_high, "{bits} bits: the prefix stays");
+            // With hashes of all zeros and all ones, every varied bit flips at least once.
+            let mask = if bits == 0 { 0 } else { (1u32 << bits) - 1 };
+            assert_eq!(seen_low, mask, "{bits} bits vary");
+        }
+        // More than allowed is capped, never wrapped around to fewer.
+        assert_eq!(
+            vary_source(base, 20, 0xffff_ffff),
+            vary_source(base, 16, 0xffff_ffff)
+        );
+    }
 
     fn key(sport: u16) -> FlowKey {
         FlowKey {

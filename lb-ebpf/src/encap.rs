@@ -10,7 +10,12 @@ use aya_ebpf::{
     },
     programs::XdpContext,
 };
-use lb_common::{counters::Counter, hash::flow_hash, maps::*, packet::*};
+use lb_common::{
+    counters::Counter,
+    hash::{flow_hash, vary_source},
+    maps::*,
+    packet::*,
+};
 
 use crate::{
     maps::{NEXTHOPS, count},
@@ -27,17 +32,6 @@ fn csum_fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
-}
-
-/// Outer source: the configured address with its low `bits` replaced by flow-hash bits,
-/// so a backend's NIC (which hashes the outer header) spreads flows over its queues.
-#[inline(always)]
-fn vary(addr_be: u32, bits: u32, hash: u32) -> u32 {
-    if bits == 0 {
-        return addr_be;
-    }
-    let mask = (1u32 << (bits & 15)) - 1;
-    ((u32::from_be(addr_be) & !mask) | (hash & mask)).to_be()
 }
 
 /// Encapsulates the IP packet at `l3_off` (whose IP length is `inner_len`, whose family
@@ -101,7 +95,7 @@ pub fn forward(
         let Ok(hdr) = ptr_at::<[u32; 10]>(ctx, ETH_HLEN) else {
             return xdp_action::XDP_ABORTED;
         };
-        src6[3] = vary(src6[3], cfg.src6_vary_bits, hash);
+        src6[3] = vary_source(src6[3], cfg.src6_vary_bits, hash);
         let ver_flow = (0x6000_0000u32 | (hash & 0x000f_ffff)).to_be();
         let len_nh_hop =
             ((inner_len as u32) << 16 | (inner_proto as u32) << 8 | OUTER_TTL as u32).to_be();
@@ -122,7 +116,7 @@ pub fn forward(
         let Ok(hdr) = ptr_at::<[u16; 10]>(ctx, ETH_HLEN) else {
             return xdp_action::XDP_ABORTED;
         };
-        src4 = vary(cfg.src4, cfg.src4_vary_bits, hash);
+        src4 = vary_source(cfg.src4, cfg.src4_vary_bits, hash);
         // Built in host order and stored big-endian; the checksum covers the words as sent.
         let (s, d) = (u32::from_be(src4), u32::from_be(backend.addr[0]));
         let mut w: [u16; 10] = [

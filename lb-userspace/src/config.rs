@@ -344,7 +344,7 @@ impl Config {
                 format!("{} is too small (at least 1024)", b.token_table_size),
             ));
         }
-        if b.source_vary_bits > 16 {
+        if b.source_vary_bits > lb_common::hash::MAX_VARY_BITS {
             return Err(bad(
                 "balancer.source_vary_bits".into(),
                 format!("{} is more than 16", b.source_vary_bits),
