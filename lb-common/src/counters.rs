@@ -82,7 +82,14 @@ counters! {
     JoinUnknownHashed = "join_unknown_hashed",
     /// A token found idle for longer than the idle time: forgotten.
     TokenExpired = "token_expired",
+    /// A handshake's keys for a connection whose backend is out of service (down or
+    /// disabled): no token learned, so its joins are not steered there.
+    LearnBackendOut = "learn_backend_out",
 }
 
-/// Number of global counters (the size of the stats map).
+/// Number of global counters.
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
+/// Slots of the stats map: room for counters added later, so that adding one does not
+/// change the pinned map and a new program still adopts a running balancer's maps.
+pub const COUNTER_SLOTS: u32 = 64;
+const _: () = assert!(COUNTER_COUNT <= COUNTER_SLOTS);

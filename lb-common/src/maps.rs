@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -132,6 +132,12 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 8);
 pub const BACKEND_ACTIVE: u32 = 1;
 /// Draining: no new connections, established ones (and their joins) still reach it.
 pub const BACKEND_DRAINING: u32 = 2;
+/// Out of service (its health check failed, or an operator disabled it): established
+/// flows still reach it, but it learns no new token and no join is steered to it.
+pub const BACKEND_OUT_OF_SERVICE: u32 = 4;
+/// The `BACKEND_*` bits of a backend that owns its connections' tokens: joins of its
+/// connections are steered to it and handshakes it answers teach their tokens.
+pub const BACKEND_TAKES_JOINS: u32 = BACKEND_ACTIVE | BACKEND_DRAINING;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -140,7 +146,8 @@ pub struct Backend {
     pub addr: [u32; 4],
     pub family: u8,
     pub _pad: [u8; 3],
-    /// `BACKEND_*` bits; 0 = slot unused or backend removed: connections to it re-pick.
+    /// One `BACKEND_*` value; 0 = slot unused or backend removed: connections to it
+    /// re-pick.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counters::{COUNTER_COUNT, Counter},
+    counters::{COUNTER_SLOTS, Counter},
     maps::*,
     mptcp::OPTION_BUF,
 };
@@ -72,7 +72,7 @@ pub static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKEN
 
 /// Global counters.
 #[map(name = "LB_STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Per-service traffic.
 #[map(name = "LB_SVC_STATS")]

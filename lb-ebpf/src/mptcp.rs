@@ -75,6 +75,17 @@ fn idle_ns(cfg: &Config) -> u64 {
 pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
     // SAFETY: conn points at a live map value; Conn is plain data.
     let c = unsafe { *conn };
+    // A backend out of service had its tokens dropped: a handshake it answered before
+    // going down must not teach one again and steer joins back to it.
+    match BACKENDS.get(c.backend) {
+        Some(b) if b.flags & BACKEND_TAKES_JOINS != 0 => {}
+        _ => {
+            count(Counter::LearnBackendOut);
+            // SAFETY: as above.
+            unsafe { (*conn).flags = c.flags | CONN_TOKEN_DONE };
+            return;
+        }
+    }
     let Some(MptcpOption::Capable {
         version,
         receiver_key: Some(key),
@@ -157,8 +168,8 @@ pub fn refresh(token: u32, backend: u32) {
     }
 }
 
-/// The backend that owns `token` in `service`, if the token is live and the backend still
-/// exists (draining counts: its connections keep their joins).
+/// The backend that owns `token` in `service`, if the token is live and the backend takes
+/// joins (draining counts: its connections keep their joins; out of service does not).
 #[inline(always)]
 pub fn owner(token: u32, service: u32, cfg: &Config) -> Option<u32> {
     // SAFETY: TokenEntry is Copy and read at once.
@@ -172,7 +183,7 @@ pub fn owner(token: u32, service: u32, cfg: &Config) -> Option<u32> {
         return None;
     }
     match BACKENDS.get(e.backend) {
-        Some(b) if b.flags != 0 => Some(e.backend),
+        Some(b) if b.flags & BACKEND_TAKES_JOINS != 0 => Some(e.backend),
         _ => None,
     }
 }

@@ -448,10 +448,12 @@ impl Controller {
     /// Writes backend `id`'s dataplane entry and metadata from its state.
     fn write_backend(&mut self, id: u32) -> anyhow::Result<()> {
         let b = &self.backends[&id];
-        let flags = if b.state & OUT_OF_RING == 0 {
-            BACKEND_ACTIVE
-        } else {
+        let flags = if b.state & TOKENS_DROPPED != 0 {
+            BACKEND_OUT_OF_SERVICE
+        } else if b.state & OUT_OF_RING != 0 {
             BACKEND_DRAINING
+        } else {
+            BACKEND_ACTIVE
         };
         let meta = BackendMeta {
             service: b.service_id,

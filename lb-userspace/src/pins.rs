@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
-use lb_common::{counters::COUNTER_COUNT, maps::*};
+use lb_common::{counters::COUNTER_SLOTS, maps::*};
 
 use crate::dataplane::Sizes;
 
@@ -105,7 +105,7 @@ pub fn specs(sizes: &Sizes) -> Vec<MapSpec> {
             size::<NextHop>(),
             MAX_BACKENDS,
         ),
-        spec(MAP_STATS, MapType::PerCpuArray, 4, 8, COUNTER_COUNT),
+        spec(MAP_STATS, MapType::PerCpuArray, 4, 8, COUNTER_SLOTS),
         spec(
             MAP_SERVICE_META,
             MapType::Array,
