@@ -295,6 +295,9 @@ impl Controller {
         // Backends: kept by (service, address); the rest take the lowest free id.
         let now = unix_ns();
         let mut keep: HashSet<u32> = HashSet::new();
+        // Ids given to new backends: written only once the tables forgot any previous
+        // holder of the id.
+        let mut fresh: HashSet<u32> = HashSet::new();
         for s in &new.services {
             let sid = self.services[&s.name];
             let vip_port = s
@@ -333,6 +336,7 @@ impl Controller {
                             },
                         );
                         summary.backends_added += 1;
+                        fresh.insert(id);
                         id
                     }
                 };
@@ -352,8 +356,24 @@ impl Controller {
                     b.state = state;
                     b.changed_unix_ns = now;
                 }
-                self.write_backend(id)?;
+                if !fresh.contains(&id) {
+                    self.write_backend(id)?;
+                }
             }
+        }
+        let (flows, tokens) = self
+            .dp
+            .forget_backend_ids(&fresh)
+            .context("clearing what the tables kept of reused backend ids")?;
+        if flows + tokens > 0 {
+            tracing::info!(
+                flows,
+                tokens,
+                "forgot entries left by earlier holders of reused backend ids"
+            );
+        }
+        for id in &fresh {
+            self.write_backend(*id)?;
         }
 
         // Backends that left are taken out of the controller's list before the rings

@@ -51,6 +51,7 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Traffic>,
     pub service_meta: Array<MapData, ServiceMeta>,
     pub backend_meta: Array<MapData, BackendMeta>,
+    pub nexthops: PerCpuArray<MapData, NextHop>,
 }
 
 impl Maps {
@@ -98,6 +99,7 @@ impl Maps {
             backend_stats: typed(g, MAP_BACKEND_STATS)?,
             service_meta: typed(g, MAP_SERVICE_META)?,
             backend_meta: typed(g, MAP_BACKEND_META)?,
+            nexthops: typed(g, MAP_NEXTHOPS)?,
         })
     }
 }
@@ -268,6 +270,53 @@ impl Dataplane {
             .backends
             .set(id, b, 0)
             .with_context(|| format!("writing backend {id}"))
+    }
+
+    /// Forgets what the tables still hold of backend ids about to be given to new
+    /// backends. Flow entries and tokens left by the backend that held an id before (idle
+    /// flows never re-pick; UDP entries never age) would send their packets to the new
+    /// holder, of any service, and a cached next hop to the old holder's neighbour.
+    /// Returns the flow entries and tokens removed.
+    pub fn forget_backend_ids(
+        &mut self,
+        ids: &std::collections::HashSet<u32>,
+    ) -> anyhow::Result<(usize, usize)> {
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        // Entries evicted while the walk runs come back as errors: skipped.
+        let flows: Vec<FlowKey> = self
+            .maps
+            .conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| ids.contains(&c.backend))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &flows {
+            let _ = self.maps.conns.remove(k);
+        }
+        let tokens: Vec<u32> = self
+            .maps
+            .tokens
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, t)| ids.contains(&t.backend))
+            .map(|(k, _)| k)
+            .collect();
+        for t in &tokens {
+            let _ = self.maps.tokens.remove(t);
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        for id in ids {
+            let stale = PerCpuValues::try_from(vec![NextHop::default(); cpus])
+                .context("per-CPU next-hop values")?;
+            self.maps
+                .nexthops
+                .set(*id, stale, 0)
+                .with_context(|| format!("clearing the next-hop cache of backend {id}"))?;
+        }
+        Ok((flows.len(), tokens.len()))
     }
 
     /// Adds a VIP of `service`, with the address-only marker that makes the dataplane

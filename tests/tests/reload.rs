@@ -17,7 +17,7 @@ use lb_userspace::{
 };
 use mptcp_lb_tests::{
     fixture::{XDP_DROP, XDP_TX, run_once},
-    packets::{SYN, tcp4},
+    packets::{ACK, SYN, tcp4},
     privileged,
     testenv::{CLIENT4, RING, TEST_SIZES, environment, vip4},
 };
@@ -30,6 +30,11 @@ const SYNS: u16 = 300;
 type Be = (usize, u32, bool);
 
 fn file(backends: &[Be]) -> FileConfig {
+    file_and(backends, "")
+}
+
+/// [`file`] with more TOML (another service) after it.
+fn file_and(backends: &[Be], more: &str) -> FileConfig {
     let mut text = format!(
         "[balancer]\ninterface = \"lb0\"\nring_size = {RING}\nhash_seed = 0x5eed\n\
          source_v4 = \"10.10.0.1\"\n\n[[service]]\nname = \"web\"\n\
@@ -41,6 +46,7 @@ fn file(backends: &[Be]) -> FileConfig {
             ADDRS[*i]
         );
     }
+    text += more;
     FileConfig::parse("reload.toml", &text, |_| true).expect("a valid file")
 }
 
@@ -203,5 +209,66 @@ fn every_reload_shape_leaves_the_ring_a_fresh_start_would_build() {
                 );
             }
         }
+    });
+}
+
+/// The id the controller gave the backend at `addr`.
+fn id_of(ctl: &Controller, addr: &str) -> Option<u32> {
+    ctl.backends()
+        .find(|b| b.address.to_string() == addr)
+        .map(|b| b.id)
+}
+
+/// A backend removed from one service leaves an idle flow behind (no packet since). Its
+/// id, later given to a backend of another service, must not inherit that flow: the
+/// flow's next packet is placed again within its own service.
+#[test]
+fn a_reused_backend_id_does_not_inherit_idle_flows() {
+    if !privileged("a_reused_backend_id_does_not_inherit_idle_flows") {
+        return;
+    }
+    let env = environment("rid");
+    let ifindex = env.ifindex;
+    env.ns.within(move || {
+        let dp = Dataplane::load(TEST_SIZES).expect("load balancer");
+        let two: Vec<Be> = vec![(0, 1, false), (1, 1, false)];
+        let mut ctl =
+            Controller::start(dp, file(&two), PathBuf::from("reload.toml")).expect("apply");
+        let old_id = id_of(&ctl, ADDRS[1]).expect("backend 2 has an id");
+        // A flow that Maglev puts on backend 2.
+        let sport = (20_000u16..)
+            .find(|p| {
+                let syn = tcp4(CLIENT4, vip4(1), *p, 80, SYN, &[], &[]);
+                let (v, out) = run_once(ctl.dp.program(), &syn, ifindex);
+                v == XDP_TX && out[30..34] == [10, 1, 0, 22]
+            })
+            .expect("a flow on backend 2");
+        let ack = tcp4(CLIENT4, vip4(1), sport, 80, ACK, &[], b"later");
+
+        // Backend 2 leaves; the flow stays idle. Then another service arrives whose
+        // backend takes the freed id.
+        ctl.apply(&file(&[(0, 1, false)]))
+            .expect("remove backend 2");
+        let other = format!(
+            "[[service]]\nname = \"other\"\nvips = [\"10.100.0.2:80/tcp\"]\n\
+             [[service.backend]]\naddress = \"{}\"\n",
+            ADDRS[2]
+        );
+        ctl.apply(&file_and(&[(0, 1, false)], &other))
+            .expect("add another service");
+        assert_eq!(
+            id_of(&ctl, ADDRS[2]),
+            Some(old_id),
+            "the scene needs the freed id reused"
+        );
+
+        let (verdict, out) = run_once(ctl.dp.program(), &ack, ifindex);
+        assert_eq!(verdict, XDP_TX);
+        let went_to = IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).expect("outer dst"));
+        assert_eq!(
+            went_to.to_string(),
+            ADDRS[0],
+            "the idle flow of service web went to another service's backend"
+        );
     });
 }
