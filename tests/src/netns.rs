@@ -29,15 +29,37 @@ fn check(cmd: &mut Command) -> String {
 }
 
 impl Netns {
-    /// Creates the namespace (replacing a stale one of that name) with `lo` up.
+    /// Creates the namespace (replacing a stale one of that name) with `lo` up, and IPv6
+    /// duplicate address detection off for the interfaces created in it later.
+    ///
+    /// With DAD on, a new link's link-local address stays tentative for one to two
+    /// seconds, and neighbour discovery cannot send a solicitation from it: every IPv6
+    /// packet of the first second waits in a neighbour queue (seen: the first IPv6 SYNs
+    /// of the MPTCP test reached their backend 1 s late, with their retransmissions, and
+    /// ~10 SYNs a run were retransmitted), and a resolution that gives up before the
+    /// address is usable drops the queue with an ICMPv6 error, which kills a join
+    /// subflow for good. Tests start from a settled network instead.
     pub fn new(name: &str) -> Netns {
         remove(name);
         check(Command::new("ip").args(["netns", "add", name]));
         let ns = Netns {
             name: name.to_string(),
         };
+        ns.run(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ]);
         ns.run(&["ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// IPv6 addresses still tentative (duplicate address detection running), one line
+    /// each as `ip -6 addr show tentative` prints them.
+    pub fn tentative_addrs(&self) -> String {
+        self.run(&["ip", "-6", "-o", "addr", "show", "tentative"])
     }
 
     /// A handle on a namespace someone else created (`ip netns add`); it is not removed

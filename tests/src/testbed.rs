@@ -22,7 +22,7 @@ use lb_userspace::{
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::netns::{Netns, veth};
+use crate::netns::{Netns, veth, wait_until};
 
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
@@ -145,6 +145,15 @@ impl Testbed {
         };
         for i in 1..=n_backends {
             tb.add_backend(i);
+        }
+        // No IPv6 address may still be tentative when traffic starts (see Netns::new).
+        for ns in [&tb.client, &tb.router, &tb.lb]
+            .into_iter()
+            .chain(&tb.backends)
+        {
+            wait_until(Duration::from_secs(5), "IPv6 addresses past DAD", || {
+                ns.tentative_addrs().trim().is_empty().then_some(())
+            });
         }
         tb
     }

@@ -87,6 +87,37 @@ fn every_subflow_reaches_its_connections_backend() {
         errors.len(),
         &errors[..errors.len().min(5)]
     );
+    // The balancer's side of the story, printed before any assertion so that a failure
+    // shows where a missing join went (dropped as unknown, expired, never sent).
+    for (c, v) in dp.counters().expect("counters") {
+        if v > 0 {
+            println!("    counter {}: {v}", c.label());
+        }
+    }
+    let mptcp_counters = |ns: &Netns| {
+        let mut v: Vec<String> = ns
+            .nstat()
+            .into_iter()
+            .filter(|(k, v)| {
+                *v > 0
+                    && (k.starts_with("MPTcpExt")
+                        || k.contains("Listen")
+                        || k.contains("SynRetrans")
+                        || k.contains("Drop")
+                        || k.contains("Reset"))
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        v.sort();
+        v.join(" ")
+    };
+    println!("    client: {}", mptcp_counters(&tb.client));
+    for (i, (s, be)) in servers.iter().zip(&tb.backends).enumerate() {
+        println!("    backend {}: {}", i + 1, mptcp_counters(be));
+        for r in records(s).iter().filter(|r| r.subflow_families.len() != 2) {
+            println!("    backend {}: a connection without a join: {r:?}", i + 1);
+        }
+    }
     let (mut crossed, mut same) = (0, 0);
     let mut server_tokens: HashMap<u32, usize> = HashMap::new();
     for (i, (s, be)) in servers.iter().zip(&tb.backends).enumerate() {
