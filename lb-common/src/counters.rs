@@ -56,8 +56,8 @@ counters! {
     ConnMissNonSyn = "conn_miss_non_syn",
     /// A connection whose backend was removed: re-placed by Maglev.
     ConnRepick = "conn_repick",
-    /// A plain TCP SYN over the new-connection rate limit (SYN-flood guard): forwarded
-    /// by Maglev, not recorded until its first non-SYN packet.
+    /// A new flow over the new-flow rate limit (flood guard): forwarded by Maglev, not
+    /// recorded until a later packet under the limit.
     ConnFloodBypass = "conn_flood_bypass",
     /// Decapsulation program: tunnels stripped.
     DecapOk = "decap_ok",
@@ -71,8 +71,8 @@ counters! {
     TokenLearnedV0 = "token_learned_v0",
     /// A token already live for another backend: not overwritten (first writer wins).
     TokenCollision = "token_collision",
-    /// A flow that began with MP_CAPABLE whose first non-SYN packet carried no keys:
-    /// the connection fell back to plain TCP.
+    /// A flow that began with MP_CAPABLE whose first non-SYN packets (several) carried
+    /// no keys: the connection fell back to plain TCP.
     MptcpFallback = "mptcp_fallback",
     /// An MP_JOIN SYN sent to the backend that owns its token.
     JoinRouted = "join_routed",
@@ -85,6 +85,12 @@ counters! {
     /// A handshake's keys for a connection whose backend is out of service (down or
     /// disabled): no token learned, so its joins are not steered there.
     LearnBackendOut = "learn_backend_out",
+    /// Keys not used because this CPU learned `max_learn_rate` tokens this second; the
+    /// flow may still learn from a later packet with keys.
+    LearnRateLimited = "learn_rate_limited",
+    /// An MP_CAPABLE SYN on a flow that learned its token moments ago: the entry and its
+    /// token are kept, the SYN follows them (a forgery, or a stray duplicate).
+    SynOnLearnedFlow = "syn_on_learned_flow",
 }
 
 /// Number of global counters.

@@ -56,6 +56,14 @@ pub const DEFAULT_TOKEN_ENTRIES: u32 = 1 << 20;
 pub const DEFAULT_TOKEN_IDLE_NS: u64 = 3600 * 1_000_000_000;
 /// A token's `last_seen` is rewritten at most this often by a connection's traffic.
 pub const TOKEN_REFRESH_NS: u64 = 1_000_000_000;
+/// For this long after a flow learned its token, an MP_CAPABLE SYN on the same 5-tuple
+/// keeps the flow entry and its token: a client's new connection does not reuse its
+/// 5-tuple that fast (TIME_WAIT), so such a SYN is a forgery trying to make the flow
+/// learn again (or a stray duplicate).
+pub const RELEARN_HOLDOFF_NS: u64 = 3_000_000_000;
+/// Slots of the per-CPU rate windows ([`ConnRate`]): new flows, and tokens learned.
+pub const RATE_NEW_FLOWS: u32 = 0;
+pub const RATE_LEARNING: u32 = 1;
 
 /// `Config::flags`: an MP_JOIN with an unknown token is placed by Maglev on the token
 /// (the `hash` policy) instead of dropped (the `drop` policy, default).
@@ -88,16 +96,20 @@ pub struct Config {
     pub flags: u32,
     /// Idle time after which a token is forgotten; 0 means [`DEFAULT_TOKEN_IDLE_NS`].
     pub token_idle_ns: u64,
-    /// SYN-flood guard (Katran's): above this many new connections a second on one
-    /// CPU, plain TCP SYNs are placed by Maglev but not recorded; the flow is recorded
-    /// at its first non-SYN packet. MP_CAPABLE and MP_JOIN SYNs are always recorded
-    /// (learning and join routing need the entry). 0 = no limit.
+    /// Flood guard (Katran's): above this many new flows a second on one CPU, a new flow
+    /// (any SYN, a non-SYN miss, a new UDP flow, a join with an unknown token) is placed
+    /// by Maglev but not recorded, so a flood cannot turn the table over; it is recorded
+    /// at a later packet once under the limit. Only joins steered by a known token are
+    /// always recorded (their later packets must follow the token). 0 = no limit.
     pub max_conn_rate: u32,
-    pub _pad: u32,
+    /// Tokens one CPU may learn a second: each costs a SHA-256 and a token-table insert,
+    /// and a client can make handshakes at will. Over it, a packet's keys are not used
+    /// (the flow keeps learning from its next packet with keys). 0 = no limit.
+    pub max_learn_rate: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
 
-/// Per-CPU window of the SYN-flood guard (see [`Config::max_conn_rate`]).
+/// Per-CPU window of a rate limit ([`Config::max_conn_rate`], [`Config::max_learn_rate`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ConnRate {
@@ -174,6 +186,15 @@ pub const CONN_MPTCP: u32 = 1;
 pub const CONN_TOKEN_DONE: u32 = 2;
 /// `Conn::flags`: the flow is an additional subflow (it began with MP_JOIN).
 pub const CONN_JOIN: u32 = 4;
+/// `Conn::flags`: how many packets of a flow still learning its token taught nothing
+/// (3 bits). Learning gives up (the connection fell back to plain TCP) at
+/// [`LEARN_MISSES_MAX`], not at the first such packet: a packet reordered ahead of the
+/// keys (a second data segment handled on another CPU) or one forged bare ACK between the
+/// SYN and the real third ACK must not settle learning for good.
+pub const CONN_LEARN_MISSES: u32 = 0x700;
+const CONN_LEARN_MISSES_SHIFT: u32 = 8;
+/// Packets without usable keys after which a flow stops looking for them.
+pub const LEARN_MISSES_MAX: u32 = 4;
 /// `Conn::flags`: the `CONN_*` bits. The high 16 bits of a flow that knows its token hold
 /// the stamp of its last token refresh ([`Conn::refresh_due`]).
 pub const CONN_BITS: u32 = 0xffff;
@@ -208,6 +229,21 @@ impl Conn {
     #[inline(always)]
     pub fn refresh_due(&self, jiffies: u64) -> bool {
         self.flags & !CONN_BITS != Self::refresh_stamp(jiffies)
+    }
+
+    /// `flags` after one more packet of a learning flow that taught nothing, and whether
+    /// learning is now over (`CONN_TOKEN_DONE` set: the connection fell back).
+    #[inline(always)]
+    pub fn learn_missed(&self) -> (u32, bool) {
+        let misses = ((self.flags & CONN_LEARN_MISSES) >> CONN_LEARN_MISSES_SHIFT) + 1;
+        if misses >= LEARN_MISSES_MAX {
+            ((self.flags & !CONN_LEARN_MISSES) | CONN_TOKEN_DONE, true)
+        } else {
+            (
+                (self.flags & !CONN_LEARN_MISSES) | (misses << CONN_LEARN_MISSES_SHIFT),
+                false,
+            )
+        }
     }
 
     /// `flags` with the refresh stamp of `jiffies` and the same `CONN_*` bits.
@@ -439,6 +475,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn learning_gives_up_only_after_several_packets_without_keys() {
+        let mut c = Conn {
+            flags: CONN_MPTCP | Conn::refresh_stamp(5),
+            ..Default::default()
+        };
+        for n in 1..LEARN_MISSES_MAX {
+            let (flags, over) = c.learn_missed();
+            assert!(!over, "over after {n} packets");
+            assert_eq!(flags & CONN_TOKEN_DONE, 0);
+            c.flags = flags;
+        }
+        let (flags, over) = c.learn_missed();
+        assert!(over, "still learning after {LEARN_MISSES_MAX} packets");
+        assert_eq!(flags & CONN_BITS, CONN_MPTCP | CONN_TOKEN_DONE);
+        assert_eq!(
+            flags & !CONN_BITS,
+            Conn::refresh_stamp(5),
+            "the stamp is kept"
+        );
     }
 
     fn looked_up_at(now: u32) -> NextHop {

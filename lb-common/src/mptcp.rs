@@ -81,10 +81,12 @@ fn decode(buf: &[u8; OPTION_BUF], at: usize, len: usize) -> Option<MptcpOption> 
                 4 => (None, None),
                 12 => (Some(be64(buf, at + 4)), None),
                 // v1 third ACK (20), first data with data-level length (22), with checksum (24);
-                // v0 third ACK (20).
-                20 | 22 | 24 if version == 1 || len == 20 => {
+                // v0 third ACK (20). Versions above 1 have no token derivation anyone
+                // knows: their keys are not used.
+                20 | 22 | 24 if version == 1 || (len == 20 && version == 0) => {
                     (Some(be64(buf, at + 4)), Some(be64(buf, at + 12)))
                 }
+                20 | 22 | 24 if version > 1 => (None, None),
                 _ => return None,
             };
             Some(MptcpOption::Capable {
@@ -525,6 +527,28 @@ mod tests {
                 nonce: 0xdead_beef
             })
         );
+    }
+
+    #[test]
+    fn keys_of_an_unknown_version_are_not_taken() {
+        // Versions 2-15 have no known token derivation: a third ACK of theirs is MPTCP,
+        // but hands over no key to hash (it used to be hashed as version 1).
+        for version in [2u8, 7, 15] {
+            let mut o = std::vec![1, 1, 30, 20, version, 0x01];
+            o.extend_from_slice(&[0x11; 16]);
+            assert!(matches!(
+                find(&buf(&o), o.len()),
+                Some(MptcpOption::Capable {
+                    sender_key: None,
+                    receiver_key: None,
+                    ..
+                })
+            ));
+        }
+        // Version 0 has no 22- or 24-byte form.
+        let mut o = std::vec![1, 1, 30, 22, 0x00, 0x01];
+        o.extend_from_slice(&[0x11; 18]);
+        assert_eq!(find(&buf(&o), o.len()), None);
     }
 
     #[test]

@@ -78,15 +78,15 @@ fn maglev_pick(cfg: &Config, service: u32, hash: u32) -> u32 {
     }
 }
 
-/// Katran's SYN-flood guard: true once this CPU has placed more than
-/// `cfg.max_conn_rate` new connections within the current one-second window.
+/// True once this CPU has counted more than `limit` events of window `slot` within the
+/// current one-second window (0 = no limit): Katran's flood guard for new flows
+/// ([`RATE_NEW_FLOWS`]), and the limit on tokens learned ([`RATE_LEARNING`]).
 #[inline(always)]
-fn syn_flood(cfg: &Config) -> bool {
-    let limit = cfg.max_conn_rate;
+pub fn over_rate(slot: u32, limit: u32) -> bool {
     if limit == 0 {
         return false;
     }
-    let Some(r) = CONN_RATE.get_ptr_mut(0) else {
+    let Some(r) = CONN_RATE.get_ptr_mut(slot) else {
         return false;
     };
     // SAFETY: a per-CPU slot; only this CPU touches it while the program runs.
@@ -174,8 +174,15 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                     Counter::MpCapableSynV1
                 });
                 conn_flags = CONN_MPTCP;
+                // Not a restart of learning for a flow that just learned: its entry and
+                // token stay, and the SYN follows them.
+                if let Some(id) = mptcp::learned_recently(&key) {
+                    count(Counter::SynOnLearnedFlow);
+                    backend_id = id;
+                }
             }
             Some(MptcpOption::JoinSyn { token, .. }) => {
+                let mut record_join = true;
                 match mptcp::owner(token, vip.service, cfg) {
                     Some(id) => {
                         count(Counter::JoinRouted);
@@ -184,6 +191,11 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                     None if cfg.flags & CONFIG_JOIN_UNKNOWN_HASH != 0 => {
                         count(Counter::JoinUnknownHashed);
                         backend_id = maglev_pick(cfg, vip.service, hash_u32(token, cfg.seed));
+                        // Anyone can send these: recorded only under the flood limit.
+                        if backend_id != 0 && over_rate(RATE_NEW_FLOWS, cfg.max_conn_rate) {
+                            count(Counter::ConnFloodBypass);
+                            record_join = false;
+                        }
                     }
                     None => {
                         // The client keeps its other subflows; this one is refused here
@@ -192,7 +204,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                         return xdp_action::XDP_DROP;
                     }
                 }
-                if backend_id != 0 {
+                if backend_id != 0 && record_join {
                     let flags = CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN;
                     let _ = CONNS.insert(
                         key,
@@ -244,9 +256,10 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         hash = h;
         hashed = true;
         backend_id = maglev_pick(cfg, vip.service, h);
-        // A plain SYN over the rate limit is forwarded but not recorded (SYN floods do
-        // not complete handshakes; a real connection is recorded at its next packet).
-        if backend_id != 0 && is_syn && syn_flood(cfg) && conn_flags == 0 {
+        // A new flow over the rate limit is forwarded but not recorded, whatever began
+        // it (SYN, MP_CAPABLE SYN, a miss, UDP): floods do not turn the table over, and
+        // a real flow is recorded at a later packet, placed by the same Maglev answer.
+        if backend_id != 0 && over_rate(RATE_NEW_FLOWS, cfg.max_conn_rate) {
             count(Counter::ConnFloodBypass);
         } else if backend_id != 0 {
             let conn = Conn {

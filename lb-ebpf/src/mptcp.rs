@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, OPTION_SCRATCH, TOKENS, count},
+    maps::{BACKENDS, CONNS, OPTION_SCRATCH, TOKENS, count},
     parse::{Packet, ptr_at},
 };
 use core::ptr::{read_unaligned, write_unaligned};
@@ -92,11 +92,23 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         ..
     }) = option(ctx, pkt)
     else {
-        count(Counter::MptcpFallback);
+        // No keys: one more packet that taught nothing. Learning ends (fallback) only
+        // after several, so that neither a packet reordered ahead of the keys nor one
+        // forged bare ACK settles it.
+        let (flags, over) = c.learn_missed();
+        if over {
+            count(Counter::MptcpFallback);
+        }
         // SAFETY: as above.
-        unsafe { (*conn).flags = c.flags | CONN_TOKEN_DONE };
+        unsafe { (*conn).flags = flags };
         return;
     };
+    // Each token costs a SHA-256 and an insert, and clients make handshakes at will:
+    // over the limit the keys are not used, and a later packet with keys may teach.
+    if crate::balancer::over_rate(RATE_LEARNING, cfg.max_learn_rate) {
+        count(Counter::LearnRateLimited);
+        return;
+    }
     let token = if version == 0 {
         mptcp::token_v0(key)
     } else {
@@ -165,6 +177,27 @@ pub fn refresh(token: u32, backend: u32) {
         if e.backend == backend && t.wrapping_sub(e.last_seen_ns) > TOKEN_REFRESH_NS {
             e.last_seen_ns = t;
         }
+    }
+}
+
+/// The backend of the flow `key` if it learned its token less than
+/// [`RELEARN_HOLDOFF_NS`] ago and that backend still owns it: an MP_CAPABLE SYN on it then
+/// keeps the entry rather than restart learning.
+#[inline(always)]
+pub fn learned_recently(key: &FlowKey) -> Option<u32> {
+    // SAFETY: Conn and TokenEntry are Copy and read at once.
+    let c = unsafe { CONNS.get(key) }.copied()?;
+    if c.token == 0 || c.flags & CONN_JOIN != 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let e = unsafe { TOKENS.get(c.token) }.copied()?;
+    if e.backend != c.backend || now().wrapping_sub(e.learned_ns) >= RELEARN_HOLDOFF_NS {
+        return None;
+    }
+    match BACKENDS.get(c.backend) {
+        Some(b) if b.flags & BACKEND_TAKES_JOINS != 0 => Some(c.backend),
+        _ => None,
     }
 }
 

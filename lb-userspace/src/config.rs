@@ -169,6 +169,10 @@ pub struct BalancerConfig {
     /// 0 = no limit.
     #[serde(default = "default_max_conn_rate")]
     pub max_conn_rate: u32,
+    /// Tokens one CPU may learn a second (each costs a SHA-256 and a token-table insert,
+    /// and any client can make handshakes); keys over it are not used. 0 = no limit.
+    #[serde(default = "default_max_learn_rate")]
+    pub max_learn_rate: u32,
     /// Prometheus metrics listen address.
     pub metrics_listen: Option<SocketAddr>,
     /// The daemon's control socket (Unix, root only), used by `mptcp-lb reload`,
@@ -208,6 +212,12 @@ fn default_max_conn_rate() -> u32 {
 }
 /// Katran's figure: 125,000 new connections a second on one CPU.
 pub const DEFAULT_MAX_CONN_RATE: u32 = 125_000;
+fn default_max_learn_rate() -> u32 {
+    DEFAULT_MAX_LEARN_RATE
+}
+/// 10,000 tokens a second per CPU: far above the new MPTCP connections one CPU of a
+/// balancer sees, and 5 ms of SHA-256 a second at most.
+pub const DEFAULT_MAX_LEARN_RATE: u32 = 10_000;
 fn default_token_idle_secs() -> u64 {
     lb_common::maps::DEFAULT_TOKEN_IDLE_NS / 1_000_000_000
 }

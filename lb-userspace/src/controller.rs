@@ -139,7 +139,7 @@ pub fn dataplane_config(cfg: &FileConfig) -> Config {
         flags,
         token_idle_ns: b.token_idle_secs.saturating_mul(1_000_000_000),
         max_conn_rate: b.max_conn_rate,
-        _pad: 0,
+        max_learn_rate: b.max_learn_rate,
     }
 }
 

@@ -270,3 +270,22 @@ pub fn sha1_token(key: u64) -> u32 {
     let d = sha1::Sha1::digest(key.to_be_bytes());
     u32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }
+
+/// Empties rate window `slot` (`lb_common::maps::RATE_*`) on every CPU, as if a new
+/// second had begun: tests of the per-CPU limits run without waiting for the clock.
+pub fn reset_rate_window(dp: &mut Dataplane, slot: u32) {
+    let mut rate: aya::maps::PerCpuArray<_, lb_common::maps::ConnRate> =
+        aya::maps::PerCpuArray::try_from(
+            dp.ebpf
+                .map_mut(lb_common::maps::MAP_CONN_RATE)
+                .expect("rate map"),
+        )
+        .expect("rate map type");
+    let cpus = aya::util::nr_cpus().expect("cpus");
+    rate.set(
+        slot,
+        aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]).expect("values"),
+        0,
+    )
+    .expect("reset the window");
+}

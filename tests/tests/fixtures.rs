@@ -439,42 +439,38 @@ fn a_changed_neighbour_gets_the_packets_within_the_cache_ttl() {
     });
 }
 
-/// Katran's SYN-flood guard: over `max_conn_rate` new connections a second on one CPU, a
-/// plain SYN is forwarded by Maglev but not recorded; its flow is recorded at its next
-/// packet, on the same backend. MP_CAPABLE SYNs are recorded whatever the rate.
+/// Katran's flood guard: over `max_conn_rate` new flows a second on one CPU, every new
+/// flow (a plain SYN, an MP_CAPABLE SYN, a packet missing from the table) is forwarded by
+/// Maglev but not recorded, and its later packets go to the same backend; it is recorded
+/// at a packet under the limit. A join steered by a known token is recorded whatever the
+/// rate (its later packets must follow the token).
 #[test]
-fn syn_flood_guard_records_at_the_next_packet() {
-    let test = "syn_flood_guard_records_at_the_next_packet";
+fn flood_guard_limits_every_new_flow_but_token_joins() {
+    let test = "flood_guard_limits_every_new_flow_but_token_joins";
     with_balancer(test, "flood", |mut dp, _, link| {
         // The window is per CPU: keep every test run on one.
         pin_to_cpu0();
         let ifindex = link.ifindex;
+        let recorded = |dp: &Dataplane, src: [u8; 4], sport: u16| {
+            dp.maps.conns.get(&key4(src, vip4(6), sport, 80, 6), 0).ok()
+        };
+        // A connection that learned its token before the flood.
+        let server_key = 0x0f0f_0000_0000_0001u64;
+        let syn = tcp4(CLIENT4, vip4(6), 50999, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let keys = mp_capable_keys(1, 20, 0x77, server_key);
+        let ack = tcp4(CLIENT4, vip4(6), 50999, 80, ACK, &keys, &[]);
+        assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
+        assert_eq!(run_once(dp.program(), &ack, ifindex).0, XDP_TX);
+        let owner = recorded(&dp, CLIENT4, 50999).expect("learned").backend;
+
         let mut cfg = dp.maps.config.get(&0, 0).expect("config");
         cfg.max_conn_rate = 2;
         dp.set_config(cfg).expect("config");
-        let recorded = |dp: &Dataplane, sport: u16| {
-            dp.maps
-                .conns
-                .get(&key4(CLIENT4, vip4(6), sport, 80, 6), 0)
-                .ok()
-        };
         // Up to three tries, in case one straddles the one-second window.
         for attempt in 0..3u16 {
             let base = 51000 + attempt * 10;
-            let mut rate: aya::maps::PerCpuArray<_, lb_common::maps::ConnRate> =
-                aya::maps::PerCpuArray::try_from(
-                    dp.ebpf
-                        .map_mut(lb_common::maps::MAP_CONN_RATE)
-                        .expect("rate map"),
-                )
-                .expect("rate map type");
-            let cpus = aya::util::nr_cpus().expect("cpus");
-            rate.set(
-                0,
-                aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]).expect("values"),
-                0,
-            )
-            .expect("reset the window");
+            reset_rate_window(&mut dp, lb_common::maps::RATE_NEW_FLOWS);
+            let bypassed = dp.counter(Counter::ConnFloodBypass).expect("counter");
             let start = std::time::Instant::now();
             let mut outs = Vec::new();
             for i in 0..3 {
@@ -485,28 +481,56 @@ fn syn_flood_guard_records_at_the_next_packet() {
             }
             let mp = tcp4(CLIENT4, vip4(6), base + 3, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
             assert_eq!(run_once(dp.program(), &mp, ifindex).0, XDP_TX);
+            let miss = tcp4(CLIENT4, vip4(6), base + 4, 80, ACK, &[], b"x");
+            assert_eq!(run_once(dp.program(), &miss, ifindex).0, XDP_TX);
+            let ack = tcp4(CLIENT4, vip4(6), base + 2, 80, ACK, &[], &[]);
+            let (verdict, ack_out) = run_once(dp.program(), &ack, ifindex);
+            assert_eq!(verdict, XDP_TX);
+            let join = tcp4(
+                [192, 0, 2, 66],
+                vip4(6),
+                base + 5,
+                80,
+                SYN,
+                &mp_join_syn(sha256_token(server_key)),
+                &[],
+            );
+            assert_eq!(run_once(dp.program(), &join, ifindex).0, XDP_TX);
             if start.elapsed() >= std::time::Duration::from_millis(900) {
                 continue;
             }
-            assert!(recorded(&dp, base).is_some() && recorded(&dp, base + 1).is_some());
-            assert!(
-                recorded(&dp, base + 2).is_none(),
-                "the third SYN in a second is over the limit of 2: not recorded"
+            assert!(recorded(&dp, CLIENT4, base).is_some());
+            assert!(recorded(&dp, CLIENT4, base + 1).is_some());
+            for (port, what) in [
+                (base + 2, "a third SYN in a second, over the limit of 2"),
+                (
+                    base + 3,
+                    "an MP_CAPABLE SYN over the limit (no bypass of the guard)",
+                ),
+                (base + 4, "a packet missing from the table, over the limit"),
+            ] {
+                assert!(recorded(&dp, CLIENT4, port).is_none(), "{what}: recorded");
+            }
+            assert_eq!(
+                &ack_out[30..34],
+                &outs[2][30..34],
+                "the unrecorded flow's next packet goes where its SYN went"
             );
-            let mp_conn = recorded(&dp, base + 3).expect("an MP_CAPABLE SYN is always recorded");
-            assert_eq!(mp_conn.flags, lb_common::maps::CONN_MPTCP);
-            assert_eq!(dp.counter(Counter::ConnFloodBypass).expect("counter"), 1);
+            let joined = recorded(&dp, [192, 0, 2, 66], base + 5)
+                .expect("a join steered by a known token is recorded whatever the rate");
+            assert_eq!(joined.backend, owner);
+            assert_eq!(
+                dp.counter(Counter::ConnFloodBypass).expect("counter") - bypassed,
+                4,
+                "SYN, MP_CAPABLE SYN, miss, and the ACK of the unrecorded SYN"
+            );
 
-            // The handshake's ACK records the flow, on the backend its SYN went to.
-            let ack = tcp4(CLIENT4, vip4(6), base + 2, 80, ACK, &[], &[]);
+            // Under the limit again, the flow's next packet records it, on that backend.
+            reset_rate_window(&mut dp, lb_common::maps::RATE_NEW_FLOWS);
             let (verdict, out) = run_once(dp.program(), &ack, ifindex);
             assert_eq!(verdict, XDP_TX);
-            let conn = recorded(&dp, base + 2).expect("recorded at the ACK");
-            assert_eq!(
-                &out[30..34],
-                &outs[2][30..34],
-                "the ACK goes where its SYN went"
-            );
+            let conn = recorded(&dp, CLIENT4, base + 2).expect("recorded under the limit");
+            assert_eq!(&out[30..34], &outs[2][30..34]);
             assert_eq!(&out[30..34], &MAGLEV_BES[(conn.backend - 5) as usize]);
             return;
         }

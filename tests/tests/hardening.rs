@@ -143,3 +143,206 @@ fn a_backend_out_of_service_learns_no_token_and_takes_no_join() {
         assert_eq!(c(&dp, Counter::LearnBackendOut), 1);
     });
 }
+
+/// Packets that teach nothing do not end learning at once: neither a forged bare ACK
+/// sent between a connection's SYN and its third ACK, nor a data segment reordered ahead
+/// of the keys (another CPU), stops the third ACK from teaching the token. A connection
+/// that really fell back to plain TCP stops looking after a few packets.
+#[test]
+fn one_packet_without_keys_does_not_settle_learning() {
+    let test = "one_packet_without_keys_does_not_settle_learning";
+    with_balancer(test, "settle", |mut dp, _, link| {
+        let ifindex = link.ifindex;
+        let run = |dp: &mut Dataplane, p: &[u8]| run_once(dp.program(), p, ifindex).0;
+        let c = |dp: &Dataplane, k| dp.counter(k).expect("counter");
+        let key = 0x0b0b_0000_0000_0001u64;
+        let port = 41300;
+        let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let bare = tcp4(CLIENT4, vip4(6), port, 80, ACK, &[], &[]);
+        // A DSS (subtype 2) data segment, as Linux sends after the first one.
+        let dss = tcp4(
+            CLIENT4,
+            vip4(6),
+            port,
+            80,
+            ACK,
+            &[30, 4, 0x20, 0x01],
+            b"data",
+        );
+        let keys = tcp4(
+            CLIENT4,
+            vip4(6),
+            port,
+            80,
+            ACK,
+            &mp_capable_keys(1, 20, 0x99, key),
+            &[],
+        );
+        for p in [&syn, &bare, &dss, &keys] {
+            assert_eq!(run(&mut dp, p), XDP_TX);
+        }
+        assert!(
+            dp.maps.tokens.get(&sha256_token(key), 0).is_ok(),
+            "a forged bare ACK and a reordered segment kept the third ACK from teaching"
+        );
+        assert_eq!(c(&dp, Counter::MptcpFallback), 0);
+
+        // A connection that fell back: its packets carry no MPTCP option at all. After
+        // LEARN_MISSES_MAX of them it is settled, and keys that come later teach nothing.
+        let port = 41301;
+        let late_key = 0x0b0b_0000_0000_0002u64;
+        let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        assert_eq!(run(&mut dp, &syn), XDP_TX);
+        for _ in 0..lb_common::maps::LEARN_MISSES_MAX {
+            let data = tcp4(CLIENT4, vip4(6), port, 80, ACK, &[], b"plain");
+            assert_eq!(run(&mut dp, &data), XDP_TX);
+        }
+        assert_eq!(
+            c(&dp, Counter::MptcpFallback),
+            1,
+            "the fallback is concluded"
+        );
+        let late = tcp4(
+            CLIENT4,
+            vip4(6),
+            port,
+            80,
+            ACK,
+            &mp_capable_keys(1, 20, 0x98, late_key),
+            &[],
+        );
+        assert_eq!(run(&mut dp, &late), XDP_TX);
+        assert!(dp.maps.tokens.get(&sha256_token(late_key), 0).is_err());
+    });
+}
+
+/// One client, one 5-tuple, rounds of three packets: an MP_CAPABLE SYN, an ACK with a
+/// made-up key, and a plain ACK (which makes the balancer use the new token). Before,
+/// every round taught a token and the token table's LRU pushed out the real ones. Now a
+/// SYN on a flow that learned moments ago keeps the flow and its token: after more rounds
+/// than the token table holds, the real connection's join still reaches its backend.
+#[test]
+fn rounds_of_forged_handshakes_on_one_flow_keep_its_token() {
+    let test = "rounds_of_forged_handshakes_on_one_flow_keep_its_token";
+    with_balancer(test, "rounds", |mut dp, ring, link| {
+        let ifindex = link.ifindex;
+        let run = |dp: &mut Dataplane, p: &[u8]| run_once(dp.program(), p, ifindex).0;
+        // The victim: a live connection whose token the balancer learned.
+        let victim_key = 0x0c0c_0000_0000_0001u64;
+        assert_eq!(
+            handshake(&mut dp, ifindex, 41400, victim_key, |_| {}),
+            (XDP_TX, XDP_TX)
+        );
+        let victim = owner_of(&ring, 41400);
+        // The attacker's flow learns once, then tries again and again.
+        let port = 41401;
+        let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let plain = tcp4(CLIENT4, vip4(6), port, 80, ACK, &[], b"x");
+        let rounds = TEST_SIZES.token_entries as u64 + 100;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..rounds {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let forged = tcp4(
+                CLIENT4,
+                vip4(6),
+                port,
+                80,
+                ACK,
+                &mp_capable_keys(1, 20, 0x42, x),
+                &[],
+            );
+            for p in [&syn, &forged, &plain] {
+                assert_eq!(run(&mut dp, p), XDP_TX);
+            }
+        }
+        let c = |k| dp.counter(k).expect("counter");
+        println!(
+            "{rounds} rounds: tokens learned {}, SYNs kept on the learned flow {}, tokens held {}",
+            c(Counter::TokenLearnedV1),
+            c(Counter::SynOnLearnedFlow),
+            dp.token_entries()
+        );
+        assert_eq!(
+            c(Counter::TokenLearnedV1),
+            2,
+            "the victim's and the first forged one"
+        );
+        assert_eq!(c(Counter::SynOnLearnedFlow), rounds - 1);
+        let join = tcp4(
+            [192, 0, 2, 55],
+            vip4(6),
+            46100,
+            80,
+            SYN,
+            &mp_join_syn(sha256_token(victim_key)),
+            &[],
+        );
+        assert_eq!(run(&mut dp, &join), XDP_TX, "the victim's join");
+        let joined = dp
+            .maps
+            .conns
+            .get(&key4([192, 0, 2, 55], vip4(6), 46100, 80, 6), 0)
+            .expect("the join is recorded");
+        assert_eq!(joined.backend, victim);
+    });
+}
+
+/// Tokens learned a second per CPU are capped by `max_learn_rate`: handshakes from many
+/// spoofed 5-tuples cannot buy more SHA-256 work or token-table inserts than that. A
+/// connection over the limit still learns from its next packet with keys.
+#[test]
+fn learning_is_capped_per_cpu() {
+    let test = "learning_is_capped_per_cpu";
+    with_balancer(test, "lrate", |mut dp, _, link| {
+        // The window is per CPU.
+        pin_to_cpu0();
+        let ifindex = link.ifindex;
+        let mut cfg = dp.maps.config.get(&0, 0).expect("config");
+        cfg.max_learn_rate = 5;
+        dp.set_config(cfg).expect("config");
+        for attempt in 0..3u16 {
+            let base = 41500 + attempt * 20;
+            reset_rate_window(&mut dp, lb_common::maps::RATE_LEARNING);
+            let learned_before = dp.counter(Counter::TokenLearnedV1).expect("counter");
+            let start = std::time::Instant::now();
+            let keys: Vec<u64> = (0..8u64)
+                .map(|i| 0x0d0d_0000_0000_0000 | u64::from(base) << 8 | i)
+                .collect();
+            for (i, key) in keys.iter().enumerate() {
+                let verdicts = handshake(&mut dp, ifindex, base + i as u16, *key, |_| {});
+                assert_eq!(verdicts, (XDP_TX, XDP_TX), "forwarded over the limit too");
+            }
+            if start.elapsed() >= std::time::Duration::from_millis(900) {
+                continue;
+            }
+            let learned = dp.counter(Counter::TokenLearnedV1).expect("counter") - learned_before;
+            assert_eq!(learned, 5, "tokens learned within one second on one CPU");
+            let held = keys
+                .iter()
+                .filter(|k| dp.maps.tokens.get(&sha256_token(**k), 0).is_ok())
+                .count();
+            assert_eq!(held, 5);
+            assert!(dp.counter(Counter::LearnRateLimited).expect("counter") >= 3);
+            // The next second, a limited connection's first data (keys again) teaches.
+            reset_rate_window(&mut dp, lb_common::maps::RATE_LEARNING);
+            let data = tcp4(
+                CLIENT4,
+                vip4(6),
+                base + 7,
+                80,
+                ACK,
+                &mp_capable_keys(1, 22, 0x1234, keys[7]),
+                b"data",
+            );
+            assert_eq!(run_once(dp.program(), &data, ifindex).0, XDP_TX);
+            assert!(
+                dp.maps.tokens.get(&sha256_token(keys[7]), 0).is_ok(),
+                "a limited connection learns from its next packet with keys"
+            );
+            return;
+        }
+        panic!("three tries each took a second or more");
+    });
+}
