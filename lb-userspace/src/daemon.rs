@@ -86,6 +86,12 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         XdpModeConfig::Native => Some(XdpMode::Driver),
         XdpModeConfig::Generic => Some(XdpMode::Skb),
     };
+    if b.source_v4.is_some() && crate::host::accept_own_source(&b.interface)? {
+        tracing::info!(
+            interface = %b.interface,
+            "turned accept_local on: packets handed to the kernel before their next hop is resolved carry this host's own address as their source"
+        );
+    }
     let attached = ctl.dp.attach_pinned(&b.interface, mode)?;
     let xdp_mode = match attached {
         Some(XdpMode::Driver) => "native".to_string(),

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod decap;
 pub mod health;
+pub mod host;
 pub mod inspect;
 pub mod loader;
 pub mod maglev;

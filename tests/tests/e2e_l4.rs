@@ -14,7 +14,8 @@ use lb_userspace::dataplane::Sizes;
 use mptcp_lb_tests::{
     privileged,
     testbed::{
-        DOWNLOAD, PORT, Server, Testbed, VIP4, across, alternate, backend_addr4, run_clients, serve,
+        DOWNLOAD, LB4, PORT, Server, Testbed, VIP4, across, alternate, backend_addr4, run_clients,
+        serve,
     },
 };
 
@@ -110,4 +111,88 @@ fn l4_balancing_with_direct_server_return() {
     let new4 = servers[3].accepted.load(Ordering::Relaxed) - before4;
     println!("backend 4 took {new4} of 80 new connections");
     assert!(new4 > 0, "the new backend takes new connections");
+}
+
+/// A backend whose next hop the balancer's host has no neighbour entry for: the program
+/// hands the tunnelled packet to the kernel (`pass_no_neigh`), whose outer source is the
+/// balancer's own address. The kernel must forward it and resolve the neighbour, which
+/// it does only with `accept_local` on (what the daemon sets); without it the packet is a
+/// martian, no ARP request leaves, and the VIP stays unreachable (the control).
+#[test]
+fn a_next_hop_without_a_neighbour_entry_is_resolved_by_the_kernel() {
+    if !privileged("a_next_hop_without_a_neighbour_entry_is_resolved_by_the_kernel") {
+        return;
+    }
+    let tb = Testbed::new("mlb-nn", 1);
+    let _server = serve(&tb.backends[0]);
+    // The router knows the balancer for good, so its own ARP requests never teach the
+    // balancer's host the router's address behind the program's back.
+    let lb_mac = tb.lb.mac("lb0");
+    let mac = lb_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    tb.router.neigh_permanent("rtl", LB4, &mac);
+    let mut dp = tb.balancer(
+        Sizes {
+            ring_size: 65537,
+            conn_entries: 1 << 12,
+            token_entries: 1 << 12,
+        },
+        0,
+    );
+    dp.set_backend(1, IpAddr::V4(backend_addr4(1)), BACKEND_ACTIVE)
+        .expect("backend");
+    dp.set_ring(0, &Testbed::members(&[1])).expect("ring");
+    let router_neigh = || {
+        tb.lb
+            .run(&["ip", "-4", "neigh", "show", "10.0.2.1", "dev", "lb0"])
+    };
+    let connect = |timeout_ms| {
+        tb.client.within(move || {
+            TcpStream::connect_timeout(
+                &SocketAddr::new(IpAddr::V4(VIP4), PORT),
+                Duration::from_millis(timeout_ms),
+            )
+            .is_ok()
+        })
+    };
+    let no_neigh = || {
+        dp.counter(lb_common::counters::Counter::PassNoNeigh)
+            .expect("counter")
+    };
+
+    // Control: accept_local off (the namespace's default).
+    tb.lb.run(&["ip", "neigh", "flush", "dev", "lb0"]);
+    assert!(!connect(1500), "reached the VIP with accept_local off");
+    assert!(no_neigh() >= 1, "the SYN was handed to the kernel");
+    let neigh = router_neigh();
+    assert!(
+        !neigh.contains("REACHABLE") && !neigh.contains("STALE"),
+        "the kernel resolved the next hop from a martian: {neigh}"
+    );
+
+    // What the daemon does before it attaches.
+    assert!(
+        tb.lb
+            .within(|| lb_userspace::host::accept_own_source("lb0"))
+            .expect("accept_local"),
+        "accept_local was off"
+    );
+    tb.lb.run(&["ip", "neigh", "flush", "dev", "lb0"]);
+    let before = no_neigh();
+    assert!(
+        connect(3000),
+        "the VIP through a next hop resolved by the kernel"
+    );
+    assert!(
+        no_neigh() > before,
+        "the first packet went through the kernel"
+    );
+    let neigh = router_neigh();
+    assert!(
+        neigh.contains("REACHABLE") || neigh.contains("STALE") || neigh.contains("DELAY"),
+        "the next hop is resolved: {neigh}"
+    );
 }
