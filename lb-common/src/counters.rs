@@ -91,6 +91,9 @@ counters! {
     /// An MP_CAPABLE SYN on a flow that learned its token moments ago: the entry and its
     /// token are kept, the SYN follows them (a forgery, or a stray duplicate).
     SynOnLearnedFlow = "syn_on_learned_flow",
+    /// A token could not be written to the token table (the kernel refused the insert):
+    /// the connection's joins follow the unknown-token policy.
+    TokenInsertFailed = "token_insert_failed",
 }
 
 /// Number of global counters.

@@ -235,7 +235,9 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                         unsafe { (*conn).flags = c.refreshed_flags(jiffies) };
                         mptcp::refresh(c.token, c.backend);
                     }
-                } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP {
+                } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP
+                    && cfg.flags & CONFIG_NO_MPTCP == 0
+                {
                     mptcp::learn(ctx, &pkt, cfg, conn);
                 }
             }

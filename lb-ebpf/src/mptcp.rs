@@ -132,6 +132,8 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
     // when the token is already there. Two CPUs may run this for one flow at once (its
     // third ACK and first data segment); both derive the same token for the same
     // backend, and only the one whose insert wins counts it.
+    // Whether the table now holds the token for this flow's backend: the flow entry
+    // records the token only then (a token in no table would be refreshed in vain).
     let mut owned = true;
     if TOKENS.insert(token, entry, BPF_NOEXIST as u64).is_ok() {
         count_learned(version);
@@ -148,7 +150,16 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         } else if TOKENS.insert(token, entry, 0).is_ok() {
             // Another backend's entry that went idle is replaced.
             count_learned(version);
+        } else {
+            count(Counter::TokenInsertFailed);
+            owned = false;
         }
+    } else if TOKENS.insert(token, entry, BPF_NOEXIST as u64).is_ok() {
+        // Removed between the two calls (expired, or evicted): inserted after all.
+        count_learned(version);
+    } else {
+        count(Counter::TokenInsertFailed);
+        owned = false;
     }
     // SAFETY: as above.
     unsafe {

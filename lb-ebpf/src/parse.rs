@@ -106,6 +106,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
                 return Err(ParseError::BadHeader);
             }
             pkt.ip_len = u16::from_be(field(ip, 2));
+            if (pkt.ip_len as usize) < ihl {
+                return Err(ParseError::BadHeader);
+            }
             let frag = u16::from_be(field(ip, 6));
             pkt.fragment = frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0;
             pkt.proto = field(ip, 9);
@@ -120,7 +123,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
                 return Err(ParseError::NotIp);
             }
             pkt.ipv6 = true;
-            pkt.ip_len = u16::from_be(field(ip, 4)).wrapping_add(IPV6_HLEN as u16);
+            // A payload length this large (jumbograms aside, which carry 0 here) cannot
+            // be real, and the IP length would wrap around u16.
+            let payload = u16::from_be(field(ip, 4));
+            if payload as usize > u16::MAX as usize - IPV6_HLEN {
+                return Err(ParseError::BadHeader);
+            }
+            pkt.ip_len = payload + IPV6_HLEN as u16;
             pkt.proto = field(ip, 6);
             pkt.src = field(ip, 8);
             pkt.dst = field(ip, 24);
@@ -157,6 +166,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
             };
             pkt.sport = field(udp, 0);
             pkt.dport = field(udp, 2);
+            // A UDP header past the end of the IP packet is a cut one.
+            if pkt.l4_off + UDP_HLEN > pkt.l3_off + pkt.ip_len as usize {
+                pkt.l4_truncated = true;
+            }
         }
         _ => {}
     }

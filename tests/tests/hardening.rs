@@ -9,7 +9,7 @@ use lb_common::{
 };
 use lb_userspace::dataplane::Dataplane;
 use mptcp_lb_tests::{
-    fixture::{XDP_DROP, XDP_TX, run_once},
+    fixture::{XDP_DROP, XDP_PASS, XDP_TX, run_once},
     packets::*,
     testenv::*,
 };
@@ -344,5 +344,54 @@ fn learning_is_capped_per_cpu() {
             return;
         }
         panic!("three tries each took a second or more");
+    });
+}
+
+/// Length fields that lie: a packet whose IP or UDP length cannot be right is passed to
+/// the host or dropped, and counted, never encapsulated with a wrong length.
+#[test]
+fn lying_length_fields_are_never_forwarded() {
+    let test = "lying_length_fields_are_never_forwarded";
+    with_balancer(test, "lens", |mut dp, _, link| {
+        let ifindex = link.ifindex;
+        let c = |dp: &Dataplane, k| dp.counter(k).expect("counter");
+        // IPv6 payload length 65535: the IP length (payload + 40) would wrap to 39, and a
+        // UDP datagram was forwarded with that length in its tunnel header.
+        dp.add_vip(v6(vip6(3)), 53, 17, 2).expect("UDP VIP");
+        let mut v6 = udp6(CLIENT6, vip6(3), 42000, 53, b"query");
+        v6[18..20].copy_from_slice(&0xffffu16.to_be_bytes());
+        // IPv4 total length 10, shorter than its own header.
+        let mut v4 = tcp4(CLIENT4, vip4(1), 42001, 80, SYN, &[], &[]);
+        v4[16..18].copy_from_slice(&10u16.to_be_bytes());
+        // UDP whose IP packet ends 4 bytes into its header (the frame has all 8).
+        let mut udp = udp4(CLIENT4, vip4(1), 42002, 53, b"query");
+        udp[16..18].copy_from_slice(&24u16.to_be_bytes());
+        let malformed = c(&dp, Counter::PassMalformed);
+        let truncated = c(&dp, Counter::DropTruncated);
+        assert_eq!(run_once(dp.program(), &v6, ifindex).0, XDP_PASS, "IPv6");
+        assert_eq!(run_once(dp.program(), &v4, ifindex).0, XDP_PASS, "IPv4");
+        assert_eq!(c(&dp, Counter::PassMalformed) - malformed, 2);
+        assert_eq!(run_once(dp.program(), &udp, ifindex).0, XDP_DROP, "UDP");
+        assert_eq!(c(&dp, Counter::DropTruncated) - truncated, 1);
+    });
+}
+
+/// MPTCP awareness turned off while a connection is between its SYN and its third ACK:
+/// nothing is learned any more, as the setting says.
+#[test]
+fn awareness_off_learns_nothing_for_flows_marked_before() {
+    let test = "awareness_off_learns_nothing_for_flows_marked_before";
+    with_balancer(test, "nomp", |mut dp, _, link| {
+        let key = 0x0e0e_0000_0000_0001u64;
+        let verdicts = handshake(&mut dp, link.ifindex, 41600, key, |dp| {
+            let mut cfg = dp.maps.config.get(&0, 0).expect("config");
+            cfg.flags |= lb_common::maps::CONFIG_NO_MPTCP;
+            dp.set_config(cfg).expect("awareness off");
+        });
+        assert_eq!(verdicts, (XDP_TX, XDP_TX));
+        assert!(
+            dp.maps.tokens.get(&sha256_token(key), 0).is_err(),
+            "learned with awareness off"
+        );
     });
 }
