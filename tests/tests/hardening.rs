@@ -19,6 +19,16 @@ fn owner_of(ring: &[u32], port: u16) -> u32 {
     ring[(flow_hash(&key4(CLIENT4, vip4(6), port, 80, 6), SEED) % RING) as usize]
 }
 
+/// The backend the connection table records for the flow from `src`:`port` to the
+/// Maglev service's VIP.
+fn recorded_backend(dp: &Dataplane, src: [u8; 4], port: u16) -> u32 {
+    dp.maps
+        .conns
+        .get(&key4(src, vip4(6), port, 80, 6), 0)
+        .expect("the flow is recorded")
+        .backend
+}
+
 /// A backend's handshake seen by the balancer: its MP_CAPABLE SYN, then (after `between`
 /// ran) its third ACK with `server_key`. Returns the verdicts of both.
 fn handshake(
@@ -134,12 +144,7 @@ fn a_backend_out_of_service_learns_no_token_and_takes_no_join() {
             XDP_TX,
             "a draining backend keeps its connections' joins"
         );
-        let joined = dp
-            .maps
-            .conns
-            .get(&key4([192, 0, 2, 99], vip4(6), 46002, 80, 6), 0)
-            .expect("the join is recorded");
-        assert_eq!(joined.backend, x);
+        assert_eq!(recorded_backend(&dp, [192, 0, 2, 99], 46002), x);
         assert_eq!(c(&dp, Counter::LearnBackendOut), 1);
     });
 }
@@ -280,12 +285,7 @@ fn rounds_of_forged_handshakes_on_one_flow_keep_its_token() {
             &[],
         );
         assert_eq!(run(&mut dp, &join), XDP_TX, "the victim's join");
-        let joined = dp
-            .maps
-            .conns
-            .get(&key4([192, 0, 2, 55], vip4(6), 46100, 80, 6), 0)
-            .expect("the join is recorded");
-        assert_eq!(joined.backend, victim);
+        assert_eq!(recorded_backend(&dp, [192, 0, 2, 55], 46100), victim);
     });
 }
 
