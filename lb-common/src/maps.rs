@@ -32,7 +32,8 @@ pub const MAP_TOKENS: &str = "LB_TOKENS";
 pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
 /// Benchmark only: the frame the resetting wrapper restores before every iteration.
 pub const MAP_BENCH: &str = "LB_BENCH";
-/// Per-CPU window of the SYN-flood guard (private to each loaded program, not pinned).
+/// Per-CPU windows of the flood guard and the learning limit (private to each loaded
+/// program, not pinned).
 pub const MAP_CONN_RATE: &str = "LB_CONN_RATE";
 /// Controller metadata, never read by the dataplane: service id → [`ServiceMeta`]
 /// (its name), so the CLI can name services while the daemon is down.

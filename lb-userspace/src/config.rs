@@ -164,9 +164,9 @@ pub struct BalancerConfig {
     pub unknown_join_policy: UnknownJoinPolicy,
     #[serde(default = "default_token_idle_secs")]
     pub token_idle_secs: u64,
-    /// SYN-flood guard: new connections a second per CPU above which plain TCP SYNs are
-    /// forwarded but not recorded until their next packet (Katran's MAX_CONN_RATE);
-    /// 0 = no limit.
+    /// Flood guard: new flows a second per CPU above which a new flow (any SYN, a miss,
+    /// a new UDP flow) is forwarded but not recorded until a packet under the limit
+    /// (Katran's MAX_CONN_RATE); 0 = no limit.
     #[serde(default = "default_max_conn_rate")]
     pub max_conn_rate: u32,
     /// Tokens one CPU may learn a second (each costs a SHA-256 and a token-table insert,
