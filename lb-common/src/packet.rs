@@ -29,6 +29,8 @@ pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
-/// IPv4 "more fragments" flag and fragment-offset mask in the flags/offset field.
+/// IPv4 "don't fragment" and "more fragments" flags and the fragment-offset mask in the
+/// flags/offset field.
+pub const IPV4_DF: u16 = 0x4000;
 pub const IPV4_MF: u16 = 0x2000;
 pub const IPV4_OFFSET_MASK: u16 = 0x1fff;

@@ -71,6 +71,16 @@ pub fn forward(
         0
     };
 
+    // The inner packet's DSCP and ECN bits go to the outer header (RFC 6040, normal
+    // mode): routers between here and the backend see the client's marking, and
+    // congestion they mark reaches the backend.
+    let Ok(inner) = ptr_at::<[u8; 2]>(ctx, l3_off) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: ptr_at checked the two bytes are inside the packet.
+    let (b0, b1) = unsafe { ((*inner)[0], (*inner)[1]) };
+    let tos = if inner_v6 { (b0 << 4) | (b1 >> 4) } else { b1 };
+
     // Keep the frame's MAC addresses: if the kernel must resolve the next hop, it gets
     // a frame still addressed to this host and forwards it.
     let Ok(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
@@ -96,7 +106,7 @@ pub fn forward(
             return xdp_action::XDP_ABORTED;
         };
         src6[3] = vary_source(src6[3], cfg.src6_vary_bits, hash);
-        let ver_flow = (0x6000_0000u32 | (hash & 0x000f_ffff)).to_be();
+        let ver_flow = (0x6000_0000u32 | (tos as u32) << 20 | (hash & 0x000f_ffff)).to_be();
         let len_nh_hop =
             ((inner_len as u32) << 16 | (inner_proto as u32) << 8 | OUTER_TTL as u32).to_be();
         // SAFETY: ptr_at checked the 40 bytes are inside the packet.
@@ -119,11 +129,14 @@ pub fn forward(
         src4 = vary_source(cfg.src4, cfg.src4_vary_bits, hash);
         // Built in host order and stored big-endian; the checksum covers the words as sent.
         let (s, d) = (u32::from_be(src4), u32::from_be(backend.addr[0]));
+        // Don't Fragment: a tunnel packet is never fragmented on the way (the backend's
+        // decapsulation could not reassemble it, and one too big for the egress is
+        // dropped here), so it is an atomic datagram and ID 0 is allowed (RFC 6864).
         let mut w: [u16; 10] = [
-            0x4500,
+            0x4500 | tos as u16,
             outer_total as u16,
             0,
-            0,
+            IPV4_DF,
             (OUTER_TTL as u16) << 8 | inner_proto as u16,
             0,
             (s >> 16) as u16,

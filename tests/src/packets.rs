@@ -154,15 +154,25 @@ pub fn ip_of(frame: &[u8]) -> Vec<u8> {
     ip[..len].to_vec()
 }
 
+/// The DSCP and ECN bits of an IP packet (IPv4 TOS, IPv6 traffic class).
+pub fn tos_of(ip: &[u8]) -> u8 {
+    if ip[0] >> 4 == 6 {
+        (ip[0] << 4) | (ip[1] >> 4)
+    } else {
+        ip[1]
+    }
+}
+
 /// What the balancer must emit for `inner` sent to an IPv4 backend: Ethernet, then an
-/// outer IPv4 header (protocol 4 or 41 after the inner version, TTL 64, no options,
-/// checksum), then the inner packet untouched.
+/// outer IPv4 header (the inner packet's DSCP and ECN, Don't Fragment with ID 0,
+/// protocol 4 or 41 after the inner version, TTL 64, no options, checksum), then the
+/// inner packet untouched.
 pub fn ipip4(dmac: [u8; 6], smac: [u8; 6], src: [u8; 4], dst: [u8; 4], inner: &[u8]) -> Vec<u8> {
     let proto = if inner[0] >> 4 == 6 { 41 } else { 4 };
     let total = (20 + inner.len()) as u16;
-    let mut ip = vec![0x45, 0];
+    let mut ip = vec![0x45, tos_of(inner)];
     ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0, 0, 64, proto, 0, 0]);
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
     ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
     let c = inet_csum(&ip);
@@ -176,8 +186,8 @@ pub fn ipip4(dmac: [u8; 6], smac: [u8; 6], src: [u8; 4], dst: [u8; 4], inner: &[
     v
 }
 
-/// The same for an IPv6 backend: outer IPv6 with next header 4 or 41, hop limit 64 and
-/// the given flow label.
+/// The same for an IPv6 backend: outer IPv6 with the inner packet's DSCP and ECN as its
+/// traffic class, next header 4 or 41, hop limit 64 and the given flow label.
 pub fn ipip6(
     dmac: [u8; 6],
     smac: [u8; 6],
@@ -191,7 +201,8 @@ pub fn ipip6(
     v.extend_from_slice(&dmac);
     v.extend_from_slice(&smac);
     v.extend_from_slice(&0x86ddu16.to_be_bytes());
-    v.extend_from_slice(&(0x6000_0000u32 | (flow_label & 0xf_ffff)).to_be_bytes());
+    let tc = u32::from(tos_of(inner)) << 20;
+    v.extend_from_slice(&(0x6000_0000u32 | tc | (flow_label & 0xf_ffff)).to_be_bytes());
     v.extend_from_slice(&(inner.len() as u16).to_be_bytes());
     v.extend_from_slice(&[nh, 64]);
     v.extend_from_slice(&src);

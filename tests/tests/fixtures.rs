@@ -86,6 +86,16 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
     let flow_label = |k: &FlowKey| flow_hash(k, SEED);
 
     let syn_v4v4 = tcp4(CLIENT4, vip4(1), 40001, 80, SYN, &[], &[]);
+    // DSCP EF (46) with ECN ECT(0), and with CE: the TOS byte 0xba and 0xbb. IPv4's
+    // header checksum is patched for the changed byte.
+    let mut marked_v4 = tcp4(CLIENT4, vip4(1), 40013, 80, SYN, &[], &[]);
+    marked_v4[15] = 0xba;
+    marked_v4[24..26].copy_from_slice(&[0, 0]);
+    let sum = inet_csum(&marked_v4[14..34]);
+    marked_v4[24..26].copy_from_slice(&sum.to_be_bytes());
+    let mut marked_v6 = tcp6(CLIENT6, vip6(4), 40014, 80, SYN, &[], &[]);
+    marked_v6[14] = 0x60 | (0xbb >> 4);
+    marked_v6[15] = (0xbb << 4) | (marked_v6[15] & 0x0f);
     let syn_v4v6 = tcp4(CLIENT4, vip4(2), 40002, 80, SYN, &[], &[]);
     let syn_v6v4 = tcp6(CLIENT6, vip6(3), 40003, 80, SYN, &[], &[]);
     let syn_v6v6 = tcp6(CLIENT6, vip6(4), 40004, 80, SYN, &[], &[]);
@@ -167,6 +177,25 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
                 BE4,
                 flow_label(&key6(CLIENT6, vip6(4), 40004, 80)),
                 &ip_of(&syn_v6v6),
+            )),
+        ),
+        case(
+            "IPv4 SYN marked EF + ECT(0) -> the outer IPv4 header carries the marking",
+            marked_v4.clone(),
+            XDP_TX,
+            Output::Exactly(ipip4(GW_MAC, lb_mac, LB4, BE1, &ip_of(&marked_v4))),
+        ),
+        case(
+            "IPv6 SYN marked EF + CE -> the outer IPv6 traffic class carries the marking",
+            marked_v6.clone(),
+            XDP_REDIRECT,
+            Output::Exactly(ipip6(
+                OUT_GW_MAC,
+                out_mac,
+                LB6,
+                BE4,
+                flow_label(&key6(CLIENT6, vip6(4), 40014, 80)),
+                &ip_of(&marked_v6),
             )),
         ),
         case(
