@@ -94,6 +94,10 @@ counters! {
     /// A token could not be written to the token table (the kernel refused the insert):
     /// the connection's joins follow the unknown-token policy.
     TokenInsertFailed = "token_insert_failed",
+    /// An ICMP "fragmentation needed" / "packet too big" to a VIP quoting a VIP flow's
+    /// packet (a backend's direct reply too big for a link to the client): sent to that
+    /// flow's backend, so path MTU discovery works.
+    IcmpToBackend = "icmp_to_backend",
 }
 
 /// Number of global counters.

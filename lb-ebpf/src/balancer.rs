@@ -35,9 +35,10 @@ fn family(pkt: &Packet) -> u8 {
 }
 
 /// A packet to a VIP address that has no port we can balance on: fragments, IPv6
-/// extension headers, truncated transport headers, ICMP. Not guessed at.
+/// extension headers, truncated transport headers, ICMP. Not guessed at, except ICMP
+/// that quotes a VIP flow's packet, which goes to that flow's backend ([`crate::icmp`]).
 #[inline(always)]
-fn not_balanceable(pkt: &Packet) -> u32 {
+fn not_balanceable(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let marker = VipKey {
         addr: pkt.dst,
         port: 0,
@@ -56,6 +57,14 @@ fn not_balanceable(pkt: &Packet) -> u32 {
     } else if pkt.ipv6 && is_ipv6_ext(pkt.proto) {
         Counter::DropIpv6Ext
     } else {
+        if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
+            && let Some(cfg) = CONFIG.get(0)
+            && cfg.ring_size != 0
+            && let Some(verdict) =
+                crate::icmp::to_backend(ctx, pkt, cfg, ctx.data_end() - ctx.data())
+        {
+            return verdict;
+        }
         count(Counter::PassVipOtherProto);
         return xdp_action::XDP_PASS;
     };
@@ -65,7 +74,7 @@ fn not_balanceable(pkt: &Packet) -> u32 {
 
 /// Maglev: the backend id for `hash` in `service`'s ring, 0 when there is none.
 #[inline(always)]
-fn maglev_pick(cfg: &Config, service: u32, hash: u32) -> u32 {
+pub fn maglev_pick(cfg: &Config, service: u32, hash: u32) -> u32 {
     let ring = cfg.ring_size;
     // `cfg` is live map memory: the caller's non-zero check is not proof enough here.
     let Some(slot) = hash.checked_rem(ring) else {
@@ -112,7 +121,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         }
     };
     if pkt.fragment || pkt.l4_truncated || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
-        return not_balanceable(&pkt);
+        return not_balanceable(ctx, &pkt);
     }
     let vip_key = VipKey {
         addr: pkt.dst,

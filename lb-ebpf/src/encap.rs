@@ -291,7 +291,7 @@ unsafe fn write_macs(p: *mut u8, (a, b): (u64, u32)) {
 /// # Safety
 /// `dst` must be valid for writing four u32 words.
 #[inline(always)]
-unsafe fn store_words(dst: *mut [u32; 4], v: [u32; 4]) {
+pub unsafe fn store_words(dst: *mut [u32; 4], v: [u32; 4]) {
     let p = dst as *mut u32;
     let mut i = 0;
     while i < 4 {

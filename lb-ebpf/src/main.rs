@@ -10,6 +10,7 @@ mod balancer;
 mod bench;
 mod decap;
 mod encap;
+mod icmp;
 mod maps;
 mod mptcp;
 mod parse;

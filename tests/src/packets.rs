@@ -210,3 +210,28 @@ pub fn ipip6(
     v.extend_from_slice(inner);
     v
 }
+
+/// An ICMPv4 "fragmentation needed" (type 3, code 4) from `src` to `dst` announcing
+/// `mtu`, quoting `quoted` (an IP packet, as a router quotes the packet it could not send).
+pub fn icmp4_frag_needed(src: [u8; 4], dst: [u8; 4], mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src, dst, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ));
+    let mut v = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut v, quoted).expect("write packet");
+    v
+}
+
+/// An ICMPv6 "packet too big" from `src` to `dst` announcing `mtu`, quoting `quoted`.
+pub fn icmp6_too_big(src: [u8; 16], dst: [u8; 16], mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::Icmpv6Type;
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src, dst, 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu });
+    let mut v = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut v, quoted).expect("write packet");
+    v
+}

@@ -60,6 +60,11 @@ fn check_state_after_table(dp: &Dataplane) {
     assert_eq!(c(Counter::DropIpv6Ext), 1);
     assert_eq!(c(Counter::DropNoBackend), 1);
     assert_eq!(c(Counter::DropTooBig), 1);
+    assert_eq!(
+        c(Counter::IcmpToBackend),
+        2,
+        "fragmentation needed and packet too big quoting VIP flows"
+    );
     assert_eq!(c(Counter::DropTruncated), 4);
     assert!(
         c(Counter::ConnHit) >= 2,
@@ -86,6 +91,15 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
     let flow_label = |k: &FlowKey| flow_hash(k, SEED);
 
     let syn_v4v4 = tcp4(CLIENT4, vip4(1), 40001, 80, SYN, &[], &[]);
+    // A router on the way back to the client could not send a backend's direct reply
+    // (VIP:80 -> client:port) and tells the VIP; and one quoting a packet that is no VIP
+    // flow's (its source is not the VIP it is sent to).
+    let reply4 = ip_of(&tcp4(vip4(1), CLIENT4, 80, 40001, ACK, &[], &[0; 64]));
+    let frag_needed = icmp4_frag_needed(OTHER4, vip4(1), 1400, &reply4);
+    let other_reply = ip_of(&tcp4(OTHER4, CLIENT4, 80, 40001, ACK, &[], &[]));
+    let frag_needed_other = icmp4_frag_needed(OTHER4, vip4(1), 1400, &other_reply);
+    let reply6 = ip_of(&tcp6(vip6(4), CLIENT6, 80, 40004, ACK, &[], &[0; 64]));
+    let too_big = icmp6_too_big(OTHER6, vip6(4), 1280, &reply6);
     // DSCP EF (46) with ECN ECT(0), and with CE: the TOS byte 0xba and 0xbb. IPv4's
     // header checksum is patched for the changed byte.
     let mut marked_v4 = tcp4(CLIENT4, vip4(1), 40013, 80, SYN, &[], &[]);
@@ -197,6 +211,31 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
                 flow_label(&key6(CLIENT6, vip6(4), 40014, 80)),
                 &ip_of(&marked_v6),
             )),
+        ),
+        case(
+            "ICMP fragmentation needed quoting a VIP flow's reply -> that flow's backend",
+            frag_needed.clone(),
+            XDP_TX,
+            Output::Exactly(ipip4(GW_MAC, lb_mac, LB4, BE1, &ip_of(&frag_needed))),
+        ),
+        case(
+            "ICMPv6 packet too big quoting a VIP flow's reply -> that flow's backend",
+            too_big.clone(),
+            XDP_REDIRECT,
+            Output::Exactly(ipip6(
+                OUT_GW_MAC,
+                out_mac,
+                LB6,
+                BE4,
+                flow_label(&key6(CLIENT6, vip6(4), 40004, 80)),
+                &ip_of(&too_big),
+            )),
+        ),
+        case(
+            "ICMP fragmentation needed quoting no VIP flow -> host",
+            frag_needed_other,
+            XDP_PASS,
+            Output::Unchanged,
         ),
         case(
             "ACK with data on the known flow -> its backend",
