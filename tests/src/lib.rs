@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod fixture;
+pub mod flood;
 pub mod netns;
 pub mod packets;
 pub mod testbed;

@@ -116,6 +116,15 @@ impl Netns {
     }
 
     /// Runs `f` on a new thread inside the namespace.
+    /// Moves the calling thread into the namespace (threads it starts later follow).
+    pub fn join_current_thread(&self) {
+        let path = self.path();
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        // SAFETY: setns on a valid namespace fd; it only changes this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+    }
+
     pub fn enter<F, R>(&self, f: F) -> JoinHandle<R>
     where
         F: FnOnce() -> R + Send + 'static,

@@ -212,6 +212,8 @@ impl Testbed {
     /// configures both VIPs as service 0 with no backends yet.
     pub fn balancer(&self, sizes: Sizes, flags: u32) -> Dataplane {
         let mut dp = self.lb.within(move || {
+            // What the daemon sets before it attaches (lb_userspace::host).
+            lb_userspace::host::accept_own_source("lb0").expect("accept_local on lb0");
             let mut dp = Dataplane::load(sizes).expect("load balancer");
             dp.attach("lb0", Some(XdpMode::Skb)).expect("attach");
             dp

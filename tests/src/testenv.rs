@@ -234,14 +234,19 @@ pub fn with_balancer(
 /// Keeps the calling thread on CPU 0, so per-CPU dataplane state (the next-hop cache,
 /// the SYN-flood window) has one value the test can reason about.
 pub fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread; the call only reads it.
+    pin_to_cpu(0);
+}
+
+/// Keeps the calling thread on CPU `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread; the call only reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
             0,
-            "pin to CPU 0"
+            "pin to CPU {cpu}"
         );
     }
 }

@@ -37,6 +37,11 @@ enum Task {
     /// Benchmark the dataplane with BPF_PROG_TEST_RUN: ns/packet per traffic class
     /// beside the floor (a bare XDP_PASS program) measured in the same run.
     Bench,
+    /// Flood the balancer's tables (spoofed MP_CAPABLE SYNs, forged handshakes from one
+    /// and from many 5-tuples, spoofed ACKs and UDP, each 10 times the tables' capacity)
+    /// while live MPTCP connections open their second subflows; prints what each flood
+    /// did and how many connections kept both subflows, with the limits on and off.
+    Flood,
     /// Show MPTCP subflow affinity end to end: testbed, load balancer, 20 MPTCP
     /// connections with a second subflow each, awareness on, then off.
     Demo {
@@ -244,6 +249,22 @@ fn main() -> anyhow::Result<()> {
                     "mptcp-lb-tests",
                     "--bin",
                     "bench",
+                ]),
+            )
+        }
+        Task::Flood => {
+            setup::ensure(false)?;
+            run(
+                "flood test (prints its table)",
+                cargo().args([
+                    "test",
+                    "--quiet",
+                    "-p",
+                    "mptcp-lb-tests",
+                    "--test",
+                    "flood",
+                    "--",
+                    "--nocapture",
                 ]),
             )
         }
