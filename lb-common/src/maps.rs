@@ -65,6 +65,13 @@ pub const RELEARN_HOLDOFF_NS: u64 = 3_000_000_000;
 /// Slots of the per-CPU rate windows ([`ConnRate`]): new flows, and tokens learned.
 pub const RATE_NEW_FLOWS: u32 = 0;
 pub const RATE_LEARNING: u32 = 1;
+/// Log records of rare events (aya-log), per CPU and second.
+pub const RATE_LOG: u32 = 2;
+/// At most this many log records a second per CPU: a flood of rare events (collisions,
+/// limits reached) must not become a flood of log lines.
+pub const MAX_LOG_RATE: u32 = 32;
+/// Slots of [`MAP_CONN_RATE`].
+pub const RATE_SLOTS: u32 = 3;
 
 /// `Config::flags`: an MP_JOIN with an unknown token is placed by Maglev on the token
 /// (the `hash` policy) instead of dropped (the `drop` policy, default).

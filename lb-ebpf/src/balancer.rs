@@ -5,6 +5,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     counters::Counter,
     hash::{flow_hash, hash_u32},
@@ -87,16 +88,25 @@ pub fn maglev_pick(cfg: &Config, service: u32, hash: u32) -> u32 {
     }
 }
 
-/// True once this CPU has counted more than `limit` events of window `slot` within the
-/// current one-second window (0 = no limit): Katran's flood guard for new flows
-/// ([`RATE_NEW_FLOWS`]), and the limit on tokens learned ([`RATE_LEARNING`]).
+/// Where this CPU stands in window `slot` after counting one more event.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    Under,
+    /// This event is the first over the limit in the current second.
+    JustOver,
+    Over,
+}
+
+/// Counts one event in this CPU's one-second window `slot` against `limit` (0 = no
+/// limit): Katran's flood guard for new flows ([`RATE_NEW_FLOWS`]), the limit on tokens
+/// learned ([`RATE_LEARNING`]) and on log records ([`RATE_LOG`]).
 #[inline(always)]
-pub fn over_rate(slot: u32, limit: u32) -> bool {
+pub fn rate(slot: u32, limit: u32) -> Rate {
     if limit == 0 {
-        return false;
+        return Rate::Under;
     }
     let Some(r) = CONN_RATE.get_ptr_mut(slot) else {
-        return false;
+        return Rate::Under;
     };
     // SAFETY: a per-CPU slot; only this CPU touches it while the program runs.
     let r = unsafe { &mut *r };
@@ -105,10 +115,48 @@ pub fn over_rate(slot: u32, limit: u32) -> bool {
     if now.wrapping_sub(r.window_start_ns) >= 1_000_000_000 {
         r.window_start_ns = now;
         r.count = 1;
-        return false;
+        return Rate::Under;
     }
     r.count += 1;
-    r.count > limit as u64
+    if r.count <= limit as u64 {
+        Rate::Under
+    } else if r.count == limit as u64 + 1 {
+        Rate::JustOver
+    } else {
+        Rate::Over
+    }
+}
+
+/// True once this CPU has counted more than `limit` events of window `slot` this second;
+/// the first time in a second, says so in the log.
+#[inline(always)]
+pub fn over_rate(ctx: &XdpContext, slot: u32, limit: u32) -> bool {
+    match rate(slot, limit) {
+        Rate::Under => false,
+        Rate::JustOver => {
+            if slot == RATE_NEW_FLOWS && may_log() {
+                debug!(
+                    ctx,
+                    "new-flow limit reached on this CPU: {} a second; more new flows this second are forwarded, not recorded",
+                    limit
+                );
+            } else if may_log() {
+                debug!(
+                    ctx,
+                    "learning limit reached on this CPU: {} a second; more keys this second are not used",
+                    limit
+                );
+            }
+            true
+        }
+        Rate::Over => true,
+    }
+}
+
+/// Whether a rare event may be logged now ([`MAX_LOG_RATE`] a second per CPU).
+#[inline(always)]
+pub fn may_log() -> bool {
+    rate(RATE_LOG, MAX_LOG_RATE) == Rate::Under
 }
 
 #[inline(always)]
@@ -192,7 +240,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
             }
             Some(MptcpOption::JoinSyn { token, .. }) => {
                 let mut record_join = true;
-                match mptcp::owner(token, vip.service, cfg) {
+                match mptcp::owner(ctx, token, vip.service, cfg) {
                     Some(id) => {
                         count(Counter::JoinRouted);
                         backend_id = id;
@@ -201,7 +249,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                         count(Counter::JoinUnknownHashed);
                         backend_id = maglev_pick(cfg, vip.service, hash_u32(token, cfg.seed));
                         // Anyone can send these: recorded only under the flood limit.
-                        if backend_id != 0 && over_rate(RATE_NEW_FLOWS, cfg.max_conn_rate) {
+                        if backend_id != 0 && over_rate(ctx, RATE_NEW_FLOWS, cfg.max_conn_rate) {
                             count(Counter::ConnFloodBypass);
                             record_join = false;
                         }
@@ -270,7 +318,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         // A new flow over the rate limit is forwarded but not recorded, whatever began
         // it (SYN, MP_CAPABLE SYN, a miss, UDP): floods do not turn the table over, and
         // a real flow is recorded at a later packet, placed by the same Maglev answer.
-        if backend_id != 0 && over_rate(RATE_NEW_FLOWS, cfg.max_conn_rate) {
+        if backend_id != 0 && over_rate(ctx, RATE_NEW_FLOWS, cfg.max_conn_rate) {
             count(Counter::ConnFloodBypass);
         } else if backend_id != 0 {
             let conn = Conn {

@@ -53,10 +53,10 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BA
 #[map(name = "LB_SCRATCH")]
 pub static OPTION_SCRATCH: PerCpuArray<[u8; OPTION_BUF]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU windows of the flood guard (new flows) and of the learning limit. Private to
-/// each loaded program.
+/// Per-CPU windows of the flood guard (new flows), the learning limit and the log limit.
+/// Private to each loaded program.
 #[map(name = "LB_CONN_RATE")]
-pub static CONN_RATE: PerCpuArray<ConnRate> = PerCpuArray::with_max_entries(2, 0);
+pub static CONN_RATE: PerCpuArray<ConnRate> = PerCpuArray::with_max_entries(RATE_SLOTS, 0);
 
 /// Benchmark only: the frame `bench_balancer` restores before every iteration.
 #[map(name = "LB_BENCH")]

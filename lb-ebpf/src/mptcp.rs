@@ -11,7 +11,10 @@ use lb_common::{
     packet::TCP_MIN_HLEN,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{
+    balancer::may_log,
     maps::{BACKENDS, CONNS, OPTION_SCRATCH, TOKENS, count},
     parse::{Packet, ptr_at},
 };
@@ -105,7 +108,7 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
     };
     // Each token costs a SHA-256 and an insert, and clients make handshakes at will:
     // over the limit the keys are not used, and a later packet with keys may teach.
-    if crate::balancer::over_rate(RATE_LEARNING, cfg.max_learn_rate) {
+    if crate::balancer::over_rate(ctx, RATE_LEARNING, cfg.max_learn_rate) {
         count(Counter::LearnRateLimited);
         return;
     }
@@ -146,25 +149,42 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
             // Live for another backend: keep it (a forged or colliding handshake must
             // not redirect another connection's joins).
             count(Counter::TokenCollision);
+            if may_log() {
+                debug!(
+                    ctx,
+                    "token {:x} learned for backend {} is live for backend {}: kept there",
+                    token,
+                    c.backend,
+                    e.backend
+                );
+            }
             owned = false;
         } else if TOKENS.insert(token, entry, 0).is_ok() {
             // Another backend's entry that went idle is replaced.
             count_learned(version);
         } else {
-            count(Counter::TokenInsertFailed);
+            insert_failed(ctx, token);
             owned = false;
         }
     } else if TOKENS.insert(token, entry, BPF_NOEXIST as u64).is_ok() {
         // Removed between the two calls (expired, or evicted): inserted after all.
         count_learned(version);
     } else {
-        count(Counter::TokenInsertFailed);
+        insert_failed(ctx, token);
         owned = false;
     }
     // SAFETY: as above.
     unsafe {
         (*conn).token = if owned { token } else { 0 };
         (*conn).flags = c.flags | CONN_TOKEN_DONE;
+    }
+}
+
+#[inline(always)]
+fn insert_failed(ctx: &XdpContext, token: u32) {
+    count(Counter::TokenInsertFailed);
+    if may_log() {
+        debug!(ctx, "token {:x}: the token table refused the insert", token);
     }
 }
 
@@ -215,7 +235,7 @@ pub fn learned_recently(key: &FlowKey) -> Option<u32> {
 /// The backend that owns `token` in `service`, if the token is live and the backend takes
 /// joins (draining counts: its connections keep their joins; out of service does not).
 #[inline(always)]
-pub fn owner(token: u32, service: u32, cfg: &Config) -> Option<u32> {
+pub fn owner(ctx: &XdpContext, token: u32, service: u32, cfg: &Config) -> Option<u32> {
     // SAFETY: TokenEntry is Copy and read at once.
     let e = unsafe { TOKENS.get(token) }.copied()?;
     if now().wrapping_sub(e.last_seen_ns) >= idle_ns(cfg) {
@@ -228,6 +248,16 @@ pub fn owner(token: u32, service: u32, cfg: &Config) -> Option<u32> {
     }
     match BACKENDS.get(e.backend) {
         Some(b) if b.flags & BACKEND_TAKES_JOINS != 0 => Some(e.backend),
-        _ => None,
+        _ => {
+            if may_log() {
+                debug!(
+                    ctx,
+                    "join for token {:x}: its backend {} is out of service or removed",
+                    token,
+                    e.backend
+                );
+            }
+            None
+        }
     }
 }

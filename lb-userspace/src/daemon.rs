@@ -78,6 +78,14 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     if adopted {
         tracing::info!(pin_path = %b.pin_path.display(), "adopting the pinned maps: connection and token tables carry over");
     }
+    // Rare kernel-side events (token collisions, limits reached, refused inserts, joins
+    // for a backend out of service) come through aya-log into this daemon's log, at
+    // debug level under the target `lb_ebpf`.
+    let mut dp = dp;
+    match crate::kernel_log::forward(&mut dp) {
+        Ok(()) => {}
+        Err(e) => tracing::warn!("kernel-side events will not be logged: {e:#}"),
+    }
     // Configure before attaching, so a fresh attach forwards from its first packet; an
     // adopted dataplane keeps forwarding with its old program meanwhile.
     let mut ctl = Controller::start(dp, config.clone(), config_path)?;

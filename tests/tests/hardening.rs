@@ -395,3 +395,100 @@ fn awareness_off_learns_nothing_for_flows_marked_before() {
         );
     });
 }
+
+/// What a `log::Log` received: level and message of each record.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+
+impl log::Log for Captured {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0
+            .lock()
+            .expect("records")
+            .push((record.level(), record.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+/// Rare kernel-side events reach the daemon's log through aya-log, at debug level: a
+/// token collision, a join for a backend out of service, a rate limit reached. A flood of
+/// such events gives at most MAX_LOG_RATE lines a second per CPU.
+#[test]
+fn rare_events_reach_the_log_at_a_bounded_rate() {
+    let test = "rare_events_reach_the_log_at_a_bounded_rate";
+    with_balancer(test, "klog", |mut dp, ring, link| {
+        pin_to_cpu0();
+        let ifindex = link.ifindex;
+        let captured = Captured::default();
+        let mut logs = lb_userspace::kernel_log::logger(&mut dp, captured.clone())
+            .expect("the program's log ring");
+        let key = 0x0f0e_0000_0000_0001u64;
+        let x = owner_of(&ring, 41700);
+        assert_eq!(
+            handshake(&mut dp, ifindex, 41700, key, |_| {}),
+            (XDP_TX, XDP_TX)
+        );
+        // Handshakes on other backends presenting the same server key: collisions.
+        let others: Vec<u16> = (41701u16..)
+            .filter(|p| owner_of(&ring, *p) != x)
+            .take(101)
+            .collect();
+        for port in &others {
+            assert_eq!(
+                handshake(&mut dp, ifindex, *port, key, |_| {}),
+                (XDP_TX, XDP_TX)
+            );
+        }
+        let collisions = dp.counter(Counter::TokenCollision).expect("counter");
+        assert_eq!(collisions, 101);
+        // A join for a backend taken out of service (in a new log window: the collisions
+        // filled this one).
+        reset_rate_window(&mut dp, lb_common::maps::RATE_LOG);
+        let addr = v4(MAGLEV_BES[(x - 5) as usize]);
+        dp.set_backend(x, addr, BACKEND_OUT_OF_SERVICE)
+            .expect("out of service");
+        let join = tcp4(
+            [192, 0, 2, 44],
+            vip4(6),
+            46200,
+            80,
+            SYN,
+            &mp_join_syn(sha256_token(key)),
+            &[],
+        );
+        assert_eq!(run_once(dp.program(), &join, ifindex).0, XDP_DROP);
+        // The flood limit reached.
+        let mut cfg = dp.maps.config.get(&0, 0).expect("config");
+        cfg.max_conn_rate = 2;
+        dp.set_config(cfg).expect("config");
+        reset_rate_window(&mut dp, lb_common::maps::RATE_NEW_FLOWS);
+        reset_rate_window(&mut dp, lb_common::maps::RATE_LOG);
+        for port in 41900..41904u16 {
+            let syn = tcp4(CLIENT4, vip4(1), port, 80, SYN, &[], &[]);
+            assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
+        }
+
+        logs.flush();
+        let records = captured.0.lock().expect("records").clone();
+        let with = |text: &str| records.iter().filter(|(_, m)| m.contains(text)).count();
+        println!("{} records, e.g.:", records.len());
+        for (level, m) in records.iter().take(3) {
+            println!("  {level} {m}");
+        }
+        assert!(
+            records.iter().all(|(l, _)| *l == log::Level::Debug),
+            "{records:?}"
+        );
+        let collision_lines = with("is live for backend");
+        assert!(collision_lines >= 1, "a collision is logged: {records:?}");
+        assert!(
+            collision_lines <= 2 * lb_common::maps::MAX_LOG_RATE as usize,
+            "{collision_lines} lines for {collisions} collisions: not rate-limited"
+        );
+        assert_eq!(with("is out of service or removed"), 1, "{records:?}");
+        assert_eq!(with("new-flow limit reached on this CPU"), 1, "{records:?}");
+    });
+}
