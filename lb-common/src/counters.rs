@@ -98,6 +98,9 @@ counters! {
     /// packet (a backend's direct reply too big for a link to the client): sent to that
     /// flow's backend, so path MTU discovery works.
     IcmpToBackend = "icmp_to_backend",
+    /// Decapsulation program: a tunnel packet marked CE (congestion) whose inner packet
+    /// is not ECN-capable: dropped, as RFC 6040 requires.
+    DecapCeNotEct = "decap_ce_not_ect",
 }
 
 /// Number of global counters.

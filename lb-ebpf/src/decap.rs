@@ -34,6 +34,18 @@ pub fn decap(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: ptr_at checked the bounds.
     let macs = unsafe { *eth };
+    // The outer header's ECN field, for RFC 6040's decapsulation rule below.
+    let Ok(outer) = ptr_at::<[u8; 2]>(ctx, pkt.l3_off) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let outer_ecn = unsafe {
+        if pkt.ipv6 {
+            ((*outer)[1] >> 4) & ECN_MASK
+        } else {
+            (*outer)[1] & ECN_MASK
+        }
+    };
     // The inner header starts at l4_off; the new Ethernet header goes right before it.
     let delta = pkt.l4_off as i32 - ETH_HLEN as i32;
     // SAFETY: the helper validates the new head.
@@ -55,6 +67,59 @@ pub fn decap(ctx: &XdpContext) -> u32 {
         (*eth)[12] = ethertype[0];
         (*eth)[13] = ethertype[1];
     }
+    if outer_ecn == ECN_CE && !carry_ce(ctx, pkt.proto == IPPROTO_IPV6) {
+        count(Counter::DecapCeNotEct);
+        return xdp_action::XDP_DROP;
+    }
     count(Counter::DecapOk);
     xdp_action::XDP_PASS
+}
+
+const ECN_MASK: u8 = 0x03;
+const ECN_CE: u8 = 0x03;
+
+/// RFC 6040: congestion a router on the tunnel marked (CE on the outer header) goes on in
+/// the inner header when the inner packet is ECN-capable; a packet that is not cannot
+/// carry it and must be dropped (returns false). The inner header is at ETH_HLEN.
+#[inline(always)]
+fn carry_ce(ctx: &XdpContext, inner_v6: bool) -> bool {
+    if inner_v6 {
+        let Ok(ip) = ptr_at::<[u8; 2]>(ctx, ETH_HLEN) else {
+            return true;
+        };
+        // SAFETY: ptr_at checked the bounds.
+        unsafe {
+            if ((*ip)[1] >> 4) & ECN_MASK == 0 {
+                return false;
+            }
+            (*ip)[1] |= ECN_CE << 4;
+        }
+        return true;
+    }
+    let Ok(ip) = ptr_at::<[u8; 12]>(ctx, ETH_HLEN) else {
+        return true;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        let tos = (*ip)[1];
+        if tos & ECN_MASK == 0 {
+            return false;
+        }
+        if tos & ECN_MASK == ECN_CE {
+            return true;
+        }
+        // The header checksum, updated for the one changed 16-bit word (RFC 1624):
+        // HC' = ~(~HC + ~m + m').
+        let old = u16::from_be_bytes([(*ip)[0], tos]);
+        let new = u16::from_be_bytes([(*ip)[0], tos | ECN_CE]);
+        let hc = u16::from_be_bytes([(*ip)[10], (*ip)[11]]);
+        let mut sum = (!hc) as u32 + (!old) as u32 + new as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let hc = !(sum as u16);
+        (*ip)[1] = tos | ECN_CE;
+        (*ip)[10] = (hc >> 8) as u8;
+        (*ip)[11] = hc as u8;
+    }
+    true
 }

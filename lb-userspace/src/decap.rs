@@ -61,6 +61,26 @@ pub fn attach(bpffs: &str, iface: &str, mode: Option<XdpMode>) -> anyhow::Result
             pin.display()
         );
     }
+    let local = local_addresses()?;
+    let mut ebpf = load(&local)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(loader::PROG_DECAP)
+        .context("decap program missing from the object")?
+        .try_into()?;
+    let (got, id) = crate::dataplane::attach_xdp(prog, iface, mode)?;
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .context("the kernel attached XDP without a BPF link (too old for pinning)")?;
+    std::fs::create_dir_all(pin.parent().expect("pin path has a parent"))
+        .with_context(|| format!("creating {}", pin.display()))?;
+    link.pin(&pin)
+        .with_context(|| format!("pinning the link at {}", pin.display()))?;
+    Ok(got)
+}
+
+/// Loads the decapsulation program (not attached), accepting tunnels to `local`.
+pub fn load(local: &[IpAddr]) -> anyhow::Result<aya::Ebpf> {
     loader::raise_memlock_limit();
     // The balancer's big maps are not used here: keep them tiny.
     let mut ebpf = EbpfLoader::new()
@@ -73,8 +93,7 @@ pub fn attach(bpffs: &str, iface: &str, mode: Option<XdpMode>) -> anyhow::Result
         ebpf.map_mut(MAP_DECAP_ADDRS)
             .with_context(|| format!("map {MAP_DECAP_ADDRS} missing"))?,
     )?;
-    let local = local_addresses()?;
-    for ip in &local {
+    for ip in local {
         let (addr, family) = addr_words(*ip);
         addrs.insert(
             AddrKey {
@@ -92,16 +111,7 @@ pub fn attach(bpffs: &str, iface: &str, mode: Option<XdpMode>) -> anyhow::Result
         .try_into()?;
     prog.load()
         .context("the verifier refused the decap program")?;
-    let (got, id) = crate::dataplane::attach_xdp(prog, iface, mode)?;
-    let link: FdLink = prog
-        .take_link(id)?
-        .try_into()
-        .context("the kernel attached XDP without a BPF link (too old for pinning)")?;
-    std::fs::create_dir_all(pin.parent().expect("pin path has a parent"))
-        .with_context(|| format!("creating {}", pin.display()))?;
-    link.pin(&pin)
-        .with_context(|| format!("pinning the link at {}", pin.display()))?;
-    Ok(got)
+    Ok(ebpf)
 }
 
 /// Removes the pinned link: the kernel detaches the program once nothing holds it.
