@@ -492,3 +492,70 @@ fn rare_events_reach_the_log_at_a_bounded_rate() {
         assert_eq!(with("new-flow limit reached on this CPU"), 1, "{records:?}");
     });
 }
+
+/// A join subflow's table entry against a flood of spoofed ACKs, more than this CPU's
+/// share of the connection table (BPF_F_NO_COMMON_LRU: each CPU evicts only from its
+/// own list): under the flood limit the flood is not recorded, so the join's entry stays
+/// and its next packet follows the token to its backend. Without the limit (the control)
+/// the entry is evicted and the packet is placed by its own 5-tuple, elsewhere.
+#[test]
+fn a_flood_of_spoofed_acks_does_not_evict_a_join() {
+    let test = "a_flood_of_spoofed_acks_does_not_evict_a_join";
+    with_balancer(test, "evict", |mut dp, ring, link| {
+        pin_to_cpu0();
+        let ifindex = link.ifindex;
+        let cpus = aya::util::nr_cpus().expect("cpus") as u32;
+        let share = TEST_SIZES.conn_entries / cpus;
+        let run = |dp: &mut Dataplane, limit: u32, port: u16, key: u64| {
+            let mut cfg = dp.maps.config.get(&0, 0).expect("config");
+            cfg.max_conn_rate = limit;
+            dp.set_config(cfg).expect("config");
+            reset_rate_window(dp, lb_common::maps::RATE_NEW_FLOWS);
+            assert_eq!(handshake(dp, ifindex, port, key, |_| {}), (XDP_TX, XDP_TX));
+            let owner = owner_of(&ring, port);
+            // A join from another address whose own 5-tuple Maglev puts elsewhere.
+            let other = [192, 0, 2, 33];
+            let jport = (47000u16..)
+                .find(|p| {
+                    ring[(flow_hash(&key4(other, vip4(6), *p, 80, 6), SEED) % RING) as usize]
+                        != owner
+                })
+                .expect("a join 5-tuple hashing elsewhere");
+            let join = tcp4(
+                other,
+                vip4(6),
+                jport,
+                80,
+                SYN,
+                &mp_join_syn(sha256_token(key)),
+                &[],
+            );
+            assert_eq!(run_once(dp.program(), &join, ifindex).0, XDP_TX);
+            assert_eq!(recorded_backend(dp, other, jport), owner);
+            // The flood: spoofed ACKs, each a new flow, past this CPU's share.
+            let mut ack = tcp4([0; 4], vip4(6), 0, 80, ACK, &[], b"x");
+            for i in 0..share + 100 {
+                let src = (0x6440_0000u32 | i).to_be_bytes();
+                ack[26..30].copy_from_slice(&src);
+                ack[34..36].copy_from_slice(&(1024 + (i % 60000) as u16).to_be_bytes());
+                run_once(dp.program(), &ack, ifindex);
+            }
+            let next = tcp4(other, vip4(6), jport, 80, ACK, &[], b"join data");
+            let (verdict, out) = run_once(dp.program(), &next, ifindex);
+            assert_eq!(verdict, XDP_TX);
+            let to: [u8; 4] = out[30..34].try_into().expect("outer destination");
+            to == MAGLEV_BES[(owner - 5) as usize]
+        };
+        let kept = run(&mut dp, 100, 41800, 0x0f0f_0000_0000_0101);
+        assert!(
+            kept,
+            "with the flood limit, the join's next packet reached another backend"
+        );
+        let kept = run(&mut dp, 0, 41801, 0x0f0f_0000_0000_0102);
+        assert!(
+            !kept,
+            "the control: without the limit, {} spoofed ACKs should have evicted the join",
+            share + 100
+        );
+    });
+}
