@@ -163,7 +163,8 @@ fn a_next_hop_without_a_neighbour_entry_is_resolved_by_the_kernel() {
             .expect("counter")
     };
 
-    // Control: accept_local off (the namespace's default).
+    // Control: accept_local off (the testbed's balancer has it on, as the daemon sets it).
+    tb.lb.sysctl("net.ipv4.conf.lb0.accept_local", "0");
     tb.lb.run(&["ip", "neigh", "flush", "dev", "lb0"]);
     assert!(!connect(1500), "reached the VIP with accept_local off");
     assert!(no_neigh() >= 1, "the SYN was handed to the kernel");

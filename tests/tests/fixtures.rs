@@ -90,6 +90,18 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
     let tx4 = |inner: &[u8], dst: [u8; 4]| ipip4(GW_MAC, lb_mac, LB4, dst, inner);
     let flow_label = |k: &FlowKey| flow_hash(k, SEED);
 
+    // What leaves for backend 4 (IPv6, out of the other interface) for a packet from
+    // CLIENT6:port to the IPv6 VIP of service 3.
+    let to_be4 = |p: &[u8], port: u16| {
+        Output::Exactly(ipip6(
+            OUT_GW_MAC,
+            out_mac,
+            LB6,
+            BE4,
+            flow_label(&key6(CLIENT6, vip6(4), port, 80)),
+            &ip_of(p),
+        ))
+    };
     let syn_v4v4 = tcp4(CLIENT4, vip4(1), 40001, 80, SYN, &[], &[]);
     // A router on the way back to the client could not send a backend's direct reply
     // (VIP:80 -> client:port) and tells the VIP; and one quoting a packet that is no VIP
@@ -184,14 +196,7 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
             "IPv6 VIP SYN -> IPv6 backend (IP6IP6, XDP_REDIRECT)",
             syn_v6v6.clone(),
             XDP_REDIRECT,
-            Output::Exactly(ipip6(
-                OUT_GW_MAC,
-                out_mac,
-                LB6,
-                BE4,
-                flow_label(&key6(CLIENT6, vip6(4), 40004, 80)),
-                &ip_of(&syn_v6v6),
-            )),
+            to_be4(&syn_v6v6, 40004),
         ),
         case(
             "IPv4 SYN marked EF + ECT(0) -> the outer IPv4 header carries the marking",
@@ -203,14 +208,7 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
             "IPv6 SYN marked EF + CE -> the outer IPv6 traffic class carries the marking",
             marked_v6.clone(),
             XDP_REDIRECT,
-            Output::Exactly(ipip6(
-                OUT_GW_MAC,
-                out_mac,
-                LB6,
-                BE4,
-                flow_label(&key6(CLIENT6, vip6(4), 40014, 80)),
-                &ip_of(&marked_v6),
-            )),
+            to_be4(&marked_v6, 40014),
         ),
         case(
             "ICMP fragmentation needed quoting a VIP flow's reply -> that flow's backend",
@@ -222,14 +220,7 @@ fn table(lb_mac: [u8; 6], out_mac: [u8; 6], ring: &[u32]) -> Vec<Fixture> {
             "ICMPv6 packet too big quoting a VIP flow's reply -> that flow's backend",
             too_big.clone(),
             XDP_REDIRECT,
-            Output::Exactly(ipip6(
-                OUT_GW_MAC,
-                out_mac,
-                LB6,
-                BE4,
-                flow_label(&key6(CLIENT6, vip6(4), 40004, 80)),
-                &ip_of(&too_big),
-            )),
+            to_be4(&too_big, 40004),
         ),
         case(
             "ICMP fragmentation needed quoting no VIP flow -> host",
