@@ -385,6 +385,32 @@ impl Config {
             if s.name.is_empty() {
                 return Err(bad(format!("service[{si}].name"), "is empty".into()));
             }
+            // Names are stored whole in the pinned metadata (that is how a restarted
+            // daemon keeps ids, drains and tokens) and written into metrics labels.
+            if s.name.len() > lb_common::maps::SERVICE_NAME_LEN {
+                return Err(bad(
+                    format!("service[{si}].name"),
+                    format!(
+                        "{:?} is {} bytes, more than the {} a name may have",
+                        s.name,
+                        s.name.len(),
+                        lb_common::maps::SERVICE_NAME_LEN
+                    ),
+                ));
+            }
+            if let Some(c) = s
+                .name
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            {
+                return Err(bad(
+                    format!("service[{si}].name"),
+                    format!(
+                        "{:?} contains {c:?}: names are letters, digits, '-', '_' and '.'",
+                        s.name
+                    ),
+                ));
+            }
             if !names.insert(&s.name) {
                 return Err(bad(
                     at("name"),
@@ -626,6 +652,17 @@ health = { kind = "mptcp" }
             (
                 format!("{GOOD}\n[[service]]\nname = \"web\"\nvips = [\"198.51.100.1:80\"]\n"),
                 "service[1] (web).name: duplicate service name \"web\"",
+            ),
+            (
+                variant(
+                    r#"name = "web""#,
+                    r#"name = "checkout-frontend-europe-west-canary2""#,
+                ),
+                "service[0].name: \"checkout-frontend-europe-west-canary2\" is 37 bytes, more than the 32 a name may have",
+            ),
+            (
+                variant(r#"name = "web""#, "name = \"we\\\"b\\n\""),
+                "service[0].name: \"we\\\"b\\n\" contains '\"': names are letters, digits, '-', '_' and '.'",
             ),
             (
                 variant("hash_seed = 7", "hash_seed = 7\nsource_vary_bits = 20"),

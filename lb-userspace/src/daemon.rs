@@ -59,6 +59,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         bail!("mptcp-lb run needs root (it loads and attaches XDP programs)");
     }
     let config = Config::load(config_path, interface_exists)?;
+    // SIGHUP, SIGTERM and SIGINT stay blocked (pending, not lost) in every thread until
+    // the daemon is ready: without a handler they would kill it, and with one they would
+    // interrupt the verifier, which then fails the program load with EAGAIN. The
+    // runtime's threads inherit the mask; `serve` unblocks them once ready.
+    set_start_up_signals(libc::SIG_BLOCK);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -67,8 +72,30 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     rt.block_on(serve(config, config_path.to_path_buf()))
 }
 
+/// Blocks or unblocks (`how`) SIGHUP, SIGTERM and SIGINT for the calling thread.
+fn set_start_up_signals(how: libc::c_int) {
+    // SAFETY: a sigset built by sigemptyset/sigaddset, passed to pthread_sigmask for this
+    // thread; no memory is shared.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    // Handlers first: a SIGHUP (`systemctl reload` right after a start) or SIGTERM during
+    // the start-up below must not kill the daemon halfway; they wait, blocked, and are
+    // acted on once it is ready.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let b = &config.balancer;
+    // One daemon per dataplane: nothing is loaded, applied or attached without the lock.
+    let _lock = crate::pins::lock(&b.pin_path)?;
     let sizes = Sizes {
         ring_size: b.ring_size,
         conn_entries: b.conn_table_size,
@@ -135,10 +162,9 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(metrics_loop(shared.clone(), l));
     }
     tracing::info!(control_socket = %config.balancer.control_socket.display(), "ready");
+    // Signals sent during the start-up are delivered now (this thread runs `serve`).
+    set_start_up_signals(libc::SIG_UNBLOCK);
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {

@@ -229,3 +229,52 @@ pub fn remove(root: &Path) -> std::io::Result<bool> {
     let _ = std::fs::remove_dir(root);
     Ok(true)
 }
+
+/// An exclusive hold on a pin path, for as long as the value lives: one daemon per
+/// dataplane. Without it a second daemon started on the same pin path rewrote the first
+/// one's maps and replaced its program before it found out, and `detach` unpinned a
+/// link a running daemon still held.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Why a pin path's lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "another process holds {root}: an mptcp-lb daemon already runs on this pin path \
+         (give each instance its own balancer.pin_path, or stop that daemon first)"
+    )]
+    Held { root: String },
+    #[error("locking {root}: {source}")]
+    Io {
+        root: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Takes the lock of pin path `root` (an exclusive `flock` on its directory, created if
+/// missing), without waiting. Taken before anything of the dataplane is touched.
+pub fn lock(root: &Path) -> Result<PinLock, LockError> {
+    use std::os::fd::AsRawFd as _;
+    let io = |source| LockError::Io {
+        root: root.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(root).map_err(io)?;
+    let dir = std::fs::File::open(root).map_err(io)?;
+    // SAFETY: flock on a file descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            LockError::Held {
+                root: root.display().to_string(),
+            }
+        } else {
+            io(e)
+        });
+    }
+    Ok(PinLock { _dir: dir })
+}

@@ -38,6 +38,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub pin_path: PathBuf,
     child: Option<Child>,
+    /// SIGHUPs sent by the last `spawn_hupping`.
+    hups: usize,
 }
 
 impl Daemon {
@@ -54,6 +56,7 @@ impl Daemon {
             socket,
             pin_path,
             child: None,
+            hups: 0,
         };
         d.write_config(config);
         d.spawn();
@@ -78,6 +81,20 @@ impl Daemon {
 
     /// Starts (again) and waits until the control socket answers.
     pub fn spawn(&mut self) {
+        self.spawn_inner(false);
+    }
+
+    /// Starts (again); from the moment the process catches SIGHUP, sends one every 2 ms
+    /// until the control socket answers, as `systemctl reload` right after a start
+    /// does. Returns how many were sent and whether the daemon already answered when it
+    /// began to catch SIGHUP (it should not: the handler comes before the start-up's
+    /// slow part, loading and attaching).
+    pub fn spawn_hupping(&mut self) -> (usize, bool) {
+        let ready_when_caught = self.spawn_inner(true);
+        (self.hups, ready_when_caught)
+    }
+
+    fn spawn_inner(&mut self, hup: bool) -> bool {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -98,9 +115,32 @@ impl Daemon {
             .expect("spawn mptcp-lb run");
         self.child = Some(child);
         let start = Instant::now();
+        let mut hups = 0;
+        let mut ready_when_caught = false;
+        if hup {
+            let pid = self.pid();
+            wait_until(
+                Duration::from_secs(10),
+                "the daemon to catch SIGHUP",
+                || catches_sighup(pid).then_some(()),
+            );
+            ready_when_caught = self.cli(&["status", "--json"]).status.success();
+        }
         loop {
+            if hup {
+                // Between the hangups, a status request: the daemon must answer one.
+                for _ in 0..5 {
+                    if let Some(c) = &self.child {
+                        // SAFETY: kill on our own child's pid.
+                        unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+                        hups += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
             if self.cli(&["status", "--json"]).status.success() {
-                return;
+                self.hups = hups;
+                return ready_when_caught;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
@@ -111,7 +151,9 @@ impl Daemon {
                 "mptcp-lb run did not answer within 30 s:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            if !hup {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -208,6 +250,16 @@ impl Daemon {
         });
         start.elapsed()
     }
+}
+
+/// Whether process `pid` has a handler for SIGHUP (`SigCgt` in /proc/PID/status).
+fn catches_sighup(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGHUP - 1)) != 0)
 }
 
 impl Drop for Daemon {

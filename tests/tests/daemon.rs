@@ -395,3 +395,89 @@ fn health_checks_and_drain() {
         String::from_utf8_lossy(&out.stderr).contains("service \"web\" has no backend 10.9.9.9")
     );
 }
+
+/// One daemon per dataplane: a second `mptcp-lb run` on the same pin path (its own
+/// control socket and service) refuses to start before it touches anything, and the
+/// first keeps its maps, program and traffic; `detach` refuses while a daemon holds the
+/// link. SIGHUPs sent while a daemon starts (`systemctl reload` right after a restart)
+/// do not kill it.
+#[test]
+fn one_daemon_per_pin_path_and_hangups_during_start_up() {
+    if !privileged("one_daemon_per_pin_path_and_hangups_during_start_up") {
+        return;
+    }
+    let tb = Testbed::new("mlb-one", 1);
+    let _server = serve(&tb.backends[0]);
+    let tag = "one";
+    let mut a = Daemon::start(
+        &tb.lb,
+        tag,
+        &Testbed::daemon_config(tag, &Testbed::service_toml("alpha", &[1], "")),
+    );
+    let prog = tb.lb.xdp_prog("lb0").expect("attached");
+
+    // A second daemon on the same pin path.
+    let (b_dir, b_socket, b_pins) = Daemon::paths("one-b");
+    let _ = std::fs::remove_dir_all(&b_dir);
+    std::fs::create_dir_all(&b_dir).expect("dir");
+    let b_config = b_dir.join("lb.toml");
+    let text = Testbed::daemon_config("one-b", &Testbed::service_toml("beta", &[1], "")).replace(
+        b_pins.to_str().expect("utf-8"),
+        a.pin_path.to_str().expect("utf-8"),
+    );
+    assert!(text.contains(b_socket.to_str().expect("utf-8")));
+    std::fs::write(&b_config, text).expect("config");
+    let started = Instant::now();
+    let out = tb.lb.try_run(&[
+        mptcp_lb_tests::daemon::binary().to_str().expect("utf-8"),
+        "run",
+        "--config",
+        b_config.to_str().expect("utf-8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon ran: {err}");
+    assert!(err.contains("already runs on this pin path"), "{err}");
+    println!(
+        "the second daemon refused in {} ms",
+        started.elapsed().as_millis()
+    );
+    let services = a.json(&["inspect", "services", "--json"]);
+    let names: Vec<&str> = services
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["alpha"], "the first daemon's services");
+    assert_eq!(
+        tb.lb.xdp_prog("lb0"),
+        Some(prog),
+        "the program was not replaced"
+    );
+    let errors = run_clients(&tb.client, 5, 5, false, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // detach while the daemon holds the link: refused, still attached.
+    let out = a.cli(&["detach", "--pin-path", a.pin_path.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "detach went ahead: {err}");
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(tb.lb.xdp_prog("lb0"), Some(prog));
+
+    // Hangups during start-up.
+    a.kill9();
+    let (hups, ready_when_caught) = a.spawn_hupping();
+    println!("{hups} SIGHUPs during start-up");
+    assert!(
+        !ready_when_caught,
+        "the daemon caught SIGHUP only once its start-up was over"
+    );
+    assert!(hups > 0);
+    assert!(
+        a.status()["reloads"].as_u64().is_some(),
+        "the daemon answers"
+    );
+    let errors = run_clients(&tb.client, 5, 5, false, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    let _ = std::fs::remove_dir_all(&b_dir);
+}
