@@ -259,6 +259,8 @@ impl Controller {
     /// are rewritten, connection and token tables are left alone (except tokens of
     /// backends that left or went out of service).
     pub fn apply(&mut self, new: &FileConfig) -> anyhow::Result<ApplySummary> {
+        // All or nothing: what cannot fit is refused before anything is written.
+        self.check_capacity(new)?;
         let mut summary = ApplySummary::default();
         self.dp.set_config(dataplane_config(new))?;
 
@@ -442,6 +444,48 @@ impl Controller {
         }
         self.config = new.clone();
         Ok(summary)
+    }
+
+    /// Whether `new` fits beside what is installed: ids of services and backends that
+    /// leave are freed only at the end of an apply (their connections still use them
+    /// meanwhile), so the ids the new ones take must be free already.
+    fn check_capacity(&self, new: &FileConfig) -> anyhow::Result<()> {
+        let new_services: Vec<&str> = new
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| !self.services.contains_key(*n))
+            .collect();
+        let free_services = MAX_SERVICES as usize - self.services.len();
+        if new_services.len() > free_services {
+            bail!(
+                "this change adds {} services while {} of {MAX_SERVICES} are in use, and the ids of services that leave are freed only after it: apply it in two steps, removals first",
+                new_services.len(),
+                self.services.len()
+            );
+        }
+        let installed: HashSet<(u32, IpAddr)> = self
+            .backends
+            .values()
+            .map(|b| (b.service_id, b.address))
+            .collect();
+        let mut added = 0usize;
+        for s in &new.services {
+            let sid = self.services.get(&s.name);
+            added += s
+                .backends
+                .iter()
+                .filter(|be| !sid.is_some_and(|sid| installed.contains(&(*sid, be.address))))
+                .count();
+        }
+        let usable = MAX_BACKENDS as usize - 1;
+        if added > usable - self.backends.len() {
+            bail!(
+                "this change adds {added} backends while {} of {usable} are in use, and the ids of backends that leave are freed only after it: apply it in two steps, removals first",
+                self.backends.len()
+            );
+        }
+        Ok(())
     }
 
     fn remove_vip(&mut self, vip: &Vip, keep: &HashMap<Vip, u32>) -> anyhow::Result<()> {

@@ -8,7 +8,10 @@
 
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf};
 
-use lb_common::{counters::Counter, maps::BACKEND_ACTIVE};
+use lb_common::{
+    counters::Counter,
+    maps::{BACKEND_ACTIVE, MAX_BACKENDS},
+};
 use lb_userspace::{
     config::Config as FileConfig,
     controller::Controller,
@@ -270,5 +273,59 @@ fn a_reused_backend_id_does_not_inherit_idle_flows() {
             ADDRS[0],
             "the idle flow of service web went to another service's backend"
         );
+    });
+}
+
+/// A reload that cannot fit (it replaces 2,100 backends by 2,100 others: the ids of the
+/// leaving ones are freed only once the new ones are in place, 4,200 > 4,095) is refused
+/// before anything is written: the running configuration stays whole, in the maps as in
+/// the controller. Before, it failed half-way, with the new settings and part of the new
+/// backends written.
+#[test]
+fn a_reload_that_cannot_fit_changes_nothing() {
+    if !privileged("a_reload_that_cannot_fit_changes_nothing") {
+        return;
+    }
+    let env = environment("rfit");
+    env.ns.within(move || {
+        let many = |third: u8, seed: u32| {
+            let mut text = format!(
+                "[balancer]\ninterface = \"lb0\"\nring_size = {RING}\nhash_seed = {seed}\n\
+                 source_v4 = \"10.10.0.1\"\n\n[[service]]\nname = \"web\"\n\
+                 vips = [\"10.100.0.1:80/tcp\"]\n"
+            );
+            for i in 0..2100u32 {
+                text += &format!(
+                    "  [[service.backend]]\n  address = \"10.{third}.{}.{}\"\n",
+                    i / 250,
+                    i % 250 + 1
+                );
+            }
+            FileConfig::parse("reload.toml", &text, |_| true).expect("a valid file")
+        };
+        let dp = Dataplane::load(TEST_SIZES).expect("load balancer");
+        let mut ctl =
+            Controller::start(dp, many(1, 7), PathBuf::from("reload.toml")).expect("apply");
+        let ring_before = ring_addresses(&ctl.dp);
+        let config_before = ctl.dp.maps.config.get(&0, 0).expect("config");
+        let entries_before = ctl.backends().count();
+
+        let err = ctl
+            .apply(&many(2, 8))
+            .expect_err("2,100 new backends beside 2,100 installed cannot fit");
+        let msg = format!("{err:#}");
+        println!("refused: {msg}");
+        assert!(msg.contains("apply it in two steps"), "{msg}");
+        assert_eq!(ring_addresses(&ctl.dp), ring_before, "the ring changed");
+        assert_eq!(
+            ctl.dp.maps.config.get(&0, 0).expect("config"),
+            config_before,
+            "the dataplane settings changed"
+        );
+        assert_eq!(ctl.backends().count(), entries_before);
+        let live = (1..MAX_BACKENDS)
+            .filter(|id| ctl.dp.maps.backends.get(id, 0).is_ok_and(|b| b.flags != 0))
+            .count();
+        assert_eq!(live, entries_before, "backend entries written");
     });
 }
