@@ -44,6 +44,12 @@ impl Pinned {
                     others.join(", ")
                 );
             }
+            if !pins::on_bpffs(root) {
+                bail!(
+                    "{} is not on a BPF filesystem here: `ip netns exec` remounts /sys and hides the host's bpffs; run the CLI with `nsenter --net=/run/netns/NAME` instead (or mount a bpffs at /sys/fs/bpf)",
+                    root.display()
+                );
+            }
             bail!(
                 "no pinned maps under {}: is the balancer running (mptcp-lb run), and is this its pin path (--pin-path, balancer.pin_path)?",
                 dir.display()

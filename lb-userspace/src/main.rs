@@ -74,6 +74,10 @@ enum Command {
     Check {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
+        /// With --config: validate the file alone, without checking it against this host
+        /// (its interface), e.g. before copying it to the balancer.
+        #[arg(long, requires = "config")]
+        no_host_checks: bool,
     },
     /// Remove the balancer: unpin its link and maps (the program detaches, forwarding
     /// stops, connection and token tables are gone).
@@ -271,17 +275,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_path,
             json,
         } => inspect_cmd(what, &pin_path, json)?,
-        Command::Check { config: Some(path) } => {
-            let c =
-                lb_userspace::config::Config::load(&path, lb_userspace::daemon::interface_exists)?;
+        Command::Check {
+            config: Some(path),
+            no_host_checks,
+        } => {
+            let c = if no_host_checks {
+                lb_userspace::config::Config::load(&path, |_| true)?
+            } else {
+                lb_userspace::config::Config::load(&path, lb_userspace::daemon::interface_exists)
+                    .map_err(|e| match e {
+                        lb_userspace::config::ConfigError::Invalid { ref field, .. }
+                            if field == "balancer.interface" =>
+                        {
+                            anyhow::anyhow!(
+                                "{e} (checked against this host's network namespace: run the check \
+                                 where the balancer runs, e.g. `nsenter --net=/run/netns/NAME`, or \
+                                 add --no-host-checks to validate the file alone)"
+                            )
+                        }
+                        e => e.into(),
+                    })?
+            };
             let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
             println!(
-                "{}: valid ({} services, {backends} backends)",
+                "{}: valid ({} services, {backends} backends){}",
                 path.display(),
-                c.services.len()
+                c.services.len(),
+                if no_host_checks {
+                    "; not checked against this host"
+                } else {
+                    ""
+                }
             );
         }
-        Command::Check { config: None } => {
+        Command::Check { config: None, .. } => {
             let mut ebpf = loader::open()?;
             for name in [loader::PROG_BALANCER, loader::PROG_DECAP, loader::PROG_PASS] {
                 let prog: &mut aya::programs::Xdp = ebpf

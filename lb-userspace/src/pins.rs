@@ -278,3 +278,21 @@ pub fn lock(root: &Path) -> Result<PinLock, LockError> {
     }
     Ok(PinLock { _dir: dir })
 }
+
+/// Whether `path` (or, when it does not exist, its nearest existing ancestor) is on a BPF
+/// filesystem. `ip netns exec` remounts /sys, which hides the host's bpffs: pins are then
+/// not missing, just out of sight.
+pub fn on_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct it is given; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}

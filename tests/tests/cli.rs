@@ -276,3 +276,87 @@ fn inspect_shows_exactly_what_packets_put_in_the_maps() {
 
     pins::remove(Path::new(ROOT)).expect("unpin");
 }
+
+/// `check --config` outside the balancer's namespace: the interface check says where it
+/// checked and what to do; `--no-host-checks` validates the file alone. Needs no root.
+#[test]
+fn check_says_where_it_looked_and_can_validate_the_file_alone() {
+    let dir = std::env::temp_dir().join(format!("mlb-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("lb.toml");
+    std::fs::write(
+        &file,
+        "[balancer]\ninterface = \"nosuch-if0\"\nsource_v4 = \"192.0.2.1\"\n\n\
+         [[service]]\nname = \"web\"\nvips = [\"203.0.113.10:443/tcp\"]\n\
+         [[service.backend]]\naddress = \"10.0.1.11\"\n",
+    )
+    .expect("write");
+    let path = file.to_str().expect("utf-8");
+    let out = cli(&["check", "--config", path]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    for expected in [
+        "balancer.interface: no interface named \"nosuch-if0\"",
+        "this host's network namespace",
+        "--no-host-checks",
+    ] {
+        assert!(err.contains(expected), "{expected:?} missing from: {err}");
+    }
+    let out = cli(&["check", "--config", path, "--no-host-checks"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("valid (1 services, 1 backends); not checked against this host"),
+        "{said}"
+    );
+    // A file that is wrong in itself is still refused without host checks.
+    std::fs::write(&file, "[balancer]\ninterface = \"x\"\nring_size = 65536\n").expect("write");
+    let out = cli(&["check", "--config", path, "--no-host-checks"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("balancer.ring_size: 65536 is not prime")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ip netns exec NS mptcp-lb inspect ...` sees no bpffs (it remounts /sys): the CLI says
+/// so and what works, instead of suggesting the balancer is not running.
+#[test]
+fn inspect_under_ip_netns_exec_says_why_it_sees_no_pins() {
+    if !privileged("inspect_under_ip_netns_exec_says_why_it_sees_no_pins") {
+        return;
+    }
+    let ns = mptcp_lb_tests::netns::Netns::new("mlb-cli-nsexec");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(binary())
+        .args(["inspect", "services", "--pin-path", "/sys/fs/bpf/mptcp-lb"])
+        .output()
+        .expect("ip netns exec");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("`ip netns exec` remounts /sys") && err.contains("nsenter --net="),
+        "{err}"
+    );
+    // Through nsenter the same command reaches the bpffs: the usual diagnosis.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .arg("--")
+        .arg(binary())
+        .args([
+            "inspect",
+            "services",
+            "--pin-path",
+            "/sys/fs/bpf/mlb-cli-none",
+        ])
+        .output()
+        .expect("nsenter");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the balancer running"), "{err}");
+}
