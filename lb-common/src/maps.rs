@@ -58,9 +58,11 @@ pub const DEFAULT_TOKEN_IDLE_NS: u64 = 3600 * 1_000_000_000;
 /// A token's `last_seen` is rewritten at most this often by a connection's traffic.
 pub const TOKEN_REFRESH_NS: u64 = 1_000_000_000;
 /// For this long after a flow learned its token, an MP_CAPABLE SYN on the same 5-tuple
-/// keeps the flow entry and its token: a client's new connection does not reuse its
-/// 5-tuple that fast (TIME_WAIT), so such a SYN is a forgery trying to make the flow
-/// learn again (or a stray duplicate).
+/// keeps the flow entry and its token, so that one client cannot churn the token table
+/// by replaying handshakes on one flow. The price: a genuine new connection on the same
+/// 5-tuple within that time (possible when the server closed first and holds the
+/// TIME_WAIT) learns no token, and its joins are refused; its first subflow is not
+/// affected.
 pub const RELEARN_HOLDOFF_NS: u64 = 3_000_000_000;
 /// Slots of the per-CPU rate windows ([`ConnRate`]): new flows, and tokens learned.
 pub const RATE_NEW_FLOWS: u32 = 0;

@@ -134,18 +134,20 @@ pub fn over_rate(ctx: &XdpContext, slot: u32, limit: u32) -> bool {
     match rate(slot, limit) {
         Rate::Under => false,
         Rate::JustOver => {
-            if slot == RATE_NEW_FLOWS && may_log() {
-                debug!(
-                    ctx,
-                    "new-flow limit reached on this CPU: {} a second; more new flows this second are forwarded, not recorded",
-                    limit
-                );
-            } else if may_log() {
-                debug!(
-                    ctx,
-                    "learning limit reached on this CPU: {} a second; more keys this second are not used",
-                    limit
-                );
+            if may_log() {
+                if slot == RATE_NEW_FLOWS {
+                    debug!(
+                        ctx,
+                        "new-flow limit reached on this CPU: {} a second; more new flows this second are forwarded, not recorded",
+                        limit
+                    );
+                } else {
+                    debug!(
+                        ctx,
+                        "learning limit reached on this CPU: {} a second; more keys this second are not used",
+                        limit
+                    );
+                }
             }
             true
         }

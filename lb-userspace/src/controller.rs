@@ -478,6 +478,30 @@ impl Controller {
                 .filter(|be| !sid.is_some_and(|sid| installed.contains(&(*sid, be.address))))
                 .count();
         }
+        // VIPs: new entries (and a marker per new address) are added before stale ones
+        // go, so both sets must fit in the VIP map at once.
+        let mut new_vips: HashSet<Vip> = HashSet::new();
+        for s in &new.services {
+            for v in &s.vips {
+                let vip = config::parse_vip(v).map_err(anyhow::Error::msg)?;
+                if !self.vips.contains_key(&vip) {
+                    new_vips.insert(vip);
+                }
+            }
+        }
+        let installed_addrs: HashSet<IpAddr> = self.vips.keys().map(|v| v.addr).collect();
+        let new_addrs: HashSet<IpAddr> = new_vips
+            .iter()
+            .map(|v| v.addr)
+            .filter(|a| !installed_addrs.contains(a))
+            .collect();
+        let in_use = self.vips.len() + installed_addrs.len();
+        let needed = new_vips.len() + new_addrs.len();
+        if in_use + needed > MAX_VIPS as usize {
+            bail!(
+                "this change adds {needed} VIP map entries (VIPs and one per new address) while {in_use} of {MAX_VIPS} are in use, and the VIPs that leave are removed only after it: apply it in two steps, removals first"
+            );
+        }
         let usable = MAX_BACKENDS as usize - 1;
         if added > usable - self.backends.len() {
             bail!(

@@ -62,7 +62,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // SIGHUP, SIGTERM and SIGINT stay blocked (pending, not lost) in every thread until
     // the daemon is ready: without a handler they would kill it, and with one they would
     // interrupt the verifier, which then fails the program load with EAGAIN. The
-    // runtime's threads inherit the mask; `serve` unblocks them once ready.
+    // runtime's worker threads inherit the mask and keep it; `serve` unblocks the thread
+    // it runs on once ready, and that thread receives them from then on.
     set_start_up_signals(libc::SIG_BLOCK);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -284,26 +284,27 @@ impl Dataplane {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        // Entries evicted while the walk runs come back as errors: skipped.
-        let flows: Vec<FlowKey> = self
-            .maps
-            .conns
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| ids.contains(&c.backend))
-            .map(|(k, _)| k)
-            .collect();
+        // A walk of each table (two syscalls an entry: about a second for a million).
+        // An entry evicted meanwhile is skipped by aya, and the kernel may restart the
+        // walk and show keys twice (hence the sets); an error ends the walk and is
+        // returned, so the id is not handed out half-cleaned.
+        let mut flows = std::collections::HashSet::new();
+        for entry in self.maps.conns.iter() {
+            let (k, c) = entry.context("walking LB_CONNS")?;
+            if ids.contains(&c.backend) {
+                flows.insert(k);
+            }
+        }
         for k in &flows {
             let _ = self.maps.conns.remove(k);
         }
-        let tokens: Vec<u32> = self
-            .maps
-            .tokens
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, t)| ids.contains(&t.backend))
-            .map(|(k, _)| k)
-            .collect();
+        let mut tokens = std::collections::HashSet::new();
+        for entry in self.maps.tokens.iter() {
+            let (t, e) = entry.context("walking LB_TOKENS")?;
+            if ids.contains(&e.backend) {
+                tokens.insert(t);
+            }
+        }
         for t in &tokens {
             let _ = self.maps.tokens.remove(t);
         }

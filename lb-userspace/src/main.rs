@@ -322,12 +322,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Detach { pin_path } => {
             // A running daemon holds the link: unpinning it would not detach anything.
-            let _lock = lb_userspace::pins::lock(&pin_path).map_err(|e| match e {
+            // (A pin path that does not exist has nothing to lock, nor to detach.)
+            let _lock = if !pin_path.exists() {
+                None
+            } else {
+                Some(lb_userspace::pins::lock(&pin_path).map_err(|e| match e {
                 lb_userspace::pins::LockError::Held { root } => anyhow::anyhow!(
-                    "a running mptcp-lb daemon holds {root}; stop it first (SIGTERM leaves                      the dataplane forwarding), then detach"
+                    "a running mptcp-lb daemon holds {root}; stop it first (SIGTERM leaves the dataplane forwarding), then detach"
                 ),
-                e => e.into(),
-            })?;
+                    e => e.into(),
+                })?)
+            };
             let removed = lb_userspace::pins::remove(&pin_path)
                 .with_context(|| format!("removing pins under {}", pin_path.display()))?;
             if !removed {

@@ -115,7 +115,6 @@ impl Netns {
         self.run(&["sysctl", "-qw", &format!("{key}={value}")]);
     }
 
-    /// Runs `f` on a new thread inside the namespace.
     /// Moves the calling thread into the namespace (threads it starts later follow).
     pub fn join_current_thread(&self) {
         let path = self.path();
@@ -125,6 +124,7 @@ impl Netns {
         assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
     }
 
+    /// Runs `f` on a new thread inside the namespace.
     pub fn enter<F, R>(&self, f: F) -> JoinHandle<R>
     where
         F: FnOnce() -> R + Send + 'static,

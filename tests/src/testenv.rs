@@ -232,7 +232,7 @@ pub fn with_balancer(
 }
 
 /// Keeps the calling thread on CPU 0, so per-CPU dataplane state (the next-hop cache,
-/// the SYN-flood window) has one value the test can reason about.
+/// the rate windows) has one value the test can reason about.
 pub fn pin_to_cpu0() {
     pin_to_cpu(0);
 }

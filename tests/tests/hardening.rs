@@ -244,6 +244,7 @@ fn rounds_of_forged_handshakes_on_one_flow_keep_its_token() {
         let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
         let plain = tcp4(CLIENT4, vip4(6), port, 80, ACK, &[], b"x");
         let rounds = TEST_SIZES.token_entries as u64 + 100;
+        let started = std::time::Instant::now();
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..rounds {
             x ^= x << 13;
@@ -262,9 +263,15 @@ fn rounds_of_forged_handshakes_on_one_flow_keep_its_token() {
                 assert_eq!(run(&mut dp, p), XDP_TX);
             }
         }
+        // The rule lasts RELEARN_HOLDOFF_NS from the learning: the rounds must fit in it.
+        let took = started.elapsed();
+        assert!(
+            took.as_nanos() < u128::from(lb_common::maps::RELEARN_HOLDOFF_NS),
+            "{rounds} rounds took {took:?}, longer than the hold-off: the machine is too slow for this test"
+        );
         let c = |k| dp.counter(k).expect("counter");
         println!(
-            "{rounds} rounds: tokens learned {}, SYNs kept on the learned flow {}, tokens held {}",
+            "{rounds} rounds in {took:?}: tokens learned {}, SYNs kept on the learned flow {}, tokens held {}",
             c(Counter::TokenLearnedV1),
             c(Counter::SynOnLearnedFlow),
             dp.token_entries()

@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, net::IpAddr, path::PathBuf};
 
 use lb_common::{
     counters::Counter,
-    maps::{BACKEND_ACTIVE, MAX_BACKENDS},
+    maps::{BACKEND_ACTIVE, MAX_BACKENDS, VipKey},
 };
 use lb_userspace::{
     config::Config as FileConfig,
@@ -327,5 +327,52 @@ fn a_reload_that_cannot_fit_changes_nothing() {
             .filter(|id| ctl.dp.maps.backends.get(id, 0).is_ok_and(|b| b.flags != 0))
             .count();
         assert_eq!(live, entries_before, "backend entries written");
+    });
+}
+
+/// The same for VIPs: 400 VIPs on 400 addresses (800 map entries with their address
+/// markers) replaced by 400 others cannot sit side by side in the 1,024-entry VIP map:
+/// refused before anything is written.
+#[test]
+fn a_vip_swap_that_cannot_fit_changes_nothing() {
+    if !privileged("a_vip_swap_that_cannot_fit_changes_nothing") {
+        return;
+    }
+    let env = environment("rvip");
+    env.ns.within(move || {
+        let vips = |third: u8| {
+            let list: Vec<String> = (0..400u32)
+                .map(|i| format!("\"10.{third}.{}.{}:80/tcp\"", i / 200, i % 200 + 1))
+                .collect();
+            let text = format!(
+                "[balancer]\ninterface = \"lb0\"\nring_size = {RING}\nsource_v4 = \"10.10.0.1\"\n\n\
+                 [[service]]\nname = \"web\"\nvips = [{}]\n  [[service.backend]]\n  address = \"{}\"\n",
+                list.join(", "),
+                ADDRS[0]
+            );
+            FileConfig::parse("reload.toml", &text, |_| true).expect("a valid file")
+        };
+        let dp = Dataplane::load(TEST_SIZES).expect("load balancer");
+        let mut ctl = Controller::start(dp, vips(101), PathBuf::from("reload.toml")).expect("apply");
+        let before: usize = ctl.dp.maps.vips.keys().count();
+        assert_eq!(before, 800, "400 VIPs and their 400 address markers");
+        let err = ctl
+            .apply(&vips(102))
+            .expect_err("800 new entries beside 800 cannot fit in 1,024");
+        let msg = format!("{err:#}");
+        println!("refused: {msg}");
+        assert!(msg.contains("apply it in two steps"), "{msg}");
+        let after: Vec<VipKey> = ctl
+            .dp
+            .maps
+            .vips
+            .keys()
+            .collect::<Result<_, _>>()
+            .expect("keys");
+        assert_eq!(after.len(), 800, "VIP entries written or removed");
+        assert!(
+            after.iter().all(|k| u32::from_be(k.addr[0]) >> 16 == 0x0a65),
+            "only the old VIPs (10.101.x.x) are installed"
+        );
     });
 }
