@@ -21,12 +21,6 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// Type, code, checksum and the 4-byte field (next-hop MTU) before the quoted packet.
 const ICMP_HLEN: usize = 8;
 
-/// Asks for a map key on the stack at an 8-byte boundary: LLVM merges neighbouring 4-byte
-/// stores into 8-byte ones, which the verifier refuses at a stack offset that is 4 mod 8.
-/// LLVM may still split the wrapper, so the address words are also stored one by one.
-#[repr(C, align(8))]
-struct Aligned<T>(T);
-
 /// The verdict for an ICMP packet to a VIP address: `Some` when it quotes a packet of a
 /// VIP flow and goes to that flow's backend (or is dropped for want of one), `None` to
 /// treat it as before (handed to the host).
@@ -45,7 +39,7 @@ pub fn to_backend(ctx: &XdpContext, pkt: &Packet, cfg: &Config, packet_len: usiz
     // The quoted packet: the backend's reply, VIP:port -> client:port. Its source must
     // be the VIP this message was sent to.
     let family = if pkt.ipv6 { FAMILY_V6 } else { FAMILY_V4 };
-    let mut k = Aligned(FlowKey {
+    let mut key = FlowKey {
         src: [0; 4],
         dst: [0; 4],
         sport: 0,
@@ -53,10 +47,9 @@ pub fn to_backend(ctx: &XdpContext, pkt: &Packet, cfg: &Config, packet_len: usiz
         proto: 0,
         family,
         _pad: [0; 2],
-    });
-    let key = &mut k.0;
-    // Word by word: LLVM may still place the key at 4 mod 8 and merge a whole-array
-    // copy into 8-byte stores there (encap::store_words).
+    };
+    // Word by word: LLVM may place the key at 4 mod 8 and merge a whole-array copy into
+    // 8-byte stores there, which the verifier refuses (encap::store_words).
     // SAFETY: key.dst is four u32 words.
     unsafe { encap::store_words(&raw mut key.dst, pkt.dst) };
     let quoted = pkt.l4_off + ICMP_HLEN;
@@ -87,25 +80,20 @@ pub fn to_backend(ctx: &XdpContext, pkt: &Packet, cfg: &Config, packet_len: usiz
     // The reply's ports the other way round: the flow as its client's packets key it.
     key.dport = field(ports, 0);
     key.sport = field(ports, 2);
-    let vip_key = Aligned(VipKey {
+    let vip_key = VipKey {
         addr: pkt.dst,
         port: key.dport,
         proto: key.proto,
         family,
-    });
-    #[allow(
-        clippy::needless_borrows_for_generic_args,
-        reason = "by value, the key would be copied again to a stack slot of LLVM's choosing"
-    )]
+    };
     // SAFETY: VipInfo is Copy and read at once.
-    let service = unsafe { VIPS.get(&vip_key.0) }.copied()?.service;
-    let key = &k.0;
+    let service = unsafe { VIPS.get(vip_key) }.copied()?.service;
     // SAFETY: Conn is Copy and read at once.
     let mut backend_id = match unsafe { CONNS.get(key) }.copied() {
         Some(c) if BACKENDS.get(c.backend).is_some_and(|b| b.flags != 0) => c.backend,
         _ => 0,
     };
-    let hash = flow_hash(key, cfg.seed);
+    let hash = flow_hash(&key, cfg.seed);
     if backend_id == 0 {
         backend_id = maglev_pick(cfg, service, hash);
     }
@@ -120,6 +108,6 @@ pub fn to_backend(ctx: &XdpContext, pkt: &Packet, cfg: &Config, packet_len: usiz
     count(Counter::IcmpToBackend);
     add_traffic(&BACKEND_STATS, backend_id, packet_len as u64);
     Some(encap::forward(
-        ctx, cfg, key, hash, true, backend_id, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6,
+        ctx, cfg, &key, hash, true, backend_id, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6,
     ))
 }

@@ -102,14 +102,13 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         conn_entries: b.conn_table_size,
         token_entries: b.token_table_size,
     };
-    let (dp, adopted) = Dataplane::load_pinned(sizes, &b.pin_path)?;
+    let (mut dp, adopted) = Dataplane::load_pinned(sizes, &b.pin_path)?;
     if adopted {
         tracing::info!(pin_path = %b.pin_path.display(), "adopting the pinned maps: connection and token tables carry over");
     }
     // Rare kernel-side events (token collisions, limits reached, refused inserts, joins
     // for a backend out of service) come through aya-log into this daemon's log, at
     // debug level under the target `lb_ebpf`.
-    let mut dp = dp;
     match crate::kernel_log::forward(&mut dp) {
         Ok(()) => {}
         Err(e) => tracing::warn!("kernel-side events will not be logged: {e:#}"),
