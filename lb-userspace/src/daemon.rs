@@ -9,13 +9,13 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, UnixListener},
     signal::unix::{SignalKind, signal},
     sync::Mutex,
@@ -27,7 +27,7 @@ use crate::{
     control::{BackendStatus, Request, Response, ServiceStatus, Status},
     controller::{Controller, state_name, unix_ns},
     dataplane::{Dataplane, Sizes},
-    health::{Hysteresis, probe},
+    health::{Failure, Hysteresis, probe},
     metrics,
 };
 
@@ -59,6 +59,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         bail!("mptcp-lb run needs root (it loads and attaches XDP programs)");
     }
     let config = Config::load(config_path, interface_exists)?;
+    raise_open_file_limit();
     // SIGHUP, SIGTERM and SIGINT stay blocked (pending, not lost) in every thread until
     // the daemon is ready: without a handler they would kill it, and with one they would
     // interrupt the verifier, which then fails the program load with EAGAIN. The
@@ -71,6 +72,22 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(serve(config, config_path.to_path_buf()))
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit is
+/// 1024): health probes, control and metrics connections each need a descriptor.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit write or read only `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Blocks or unblocks (`how`) SIGHUP, SIGTERM and SIGINT for the calling thread.
@@ -158,8 +175,22 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("balancer.metrics_listen: binding {addr}"))?;
+        let tables = Arc::new(metrics::TableCounter::open(&crate::pins::layout_dir(
+            &b.pin_path,
+        ))?);
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        tokio::spawn(metrics_loop(shared.clone(), l));
+        let http = Arc::new(metrics::HttpStats::default());
+        let (shared, stats) = (shared.clone(), http.clone());
+        tokio::spawn(metrics::serve(l, http, move || {
+            let (shared, tables, stats) = (shared.clone(), tables.clone(), stats.clone());
+            async move {
+                // The table walks run off the runtime's threads and without the
+                // controller's lock: a slow scrape delays no health change.
+                let counts = tokio::task::spawn_blocking(move || tables.count()).await?;
+                let ctl = shared.ctl.lock().await;
+                metrics::render(&ctl, counts, &stats)
+            }
+        }));
     }
     tracing::info!(control_socket = %config.balancer.control_socket.display(), "ready");
     // Signals sent during the start-up are delivered now (this thread runs `serve`).
@@ -254,16 +285,28 @@ async fn check_loop(shared: Arc<Shared>, id: u32, check: HealthCheck, addr: Sock
     let mut last_ok = None;
     loop {
         tick.tick().await;
-        let result = probe(&check, addr).await;
+        let result = match probe(&check, addr).await {
+            // This host could not run the check (e.g. out of file descriptors): say so
+            // and leave the backend's state as it is.
+            Err(Failure::Local(e)) => {
+                if last_ok != Some(None) {
+                    tracing::warn!(%addr, kind = ?check.kind, error = %e, "health check could not run on this host; the backend keeps its state");
+                }
+                last_ok = Some(None);
+                continue;
+            }
+            Err(Failure::Backend(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
         match &result {
             // The first failure of a run says why; the rest are debug noise.
-            Err(e) if last_ok != Some(false) => {
+            Err(e) if last_ok != Some(Some(false)) => {
                 tracing::warn!(%addr, kind = ?check.kind, error = %e, "health check failed")
             }
             Err(e) => tracing::debug!(%addr, kind = ?check.kind, error = %e, "health check failed"),
             Ok(()) => {}
         }
-        last_ok = Some(result.is_ok());
+        last_ok = Some(Some(result.is_ok()));
         if let Some(now_up) = verdict.record(result.is_ok()) {
             let mut ctl = shared.ctl.lock().await;
             if let Err(e) = ctl.set_health(id, now_up) {
@@ -411,47 +454,5 @@ async fn status(shared: &Arc<Shared>) -> Status {
         last_reload_error: ctl.last_reload_error.clone(),
         mptcp_aware: cfg.balancer.mptcp_aware,
         services,
-    }
-}
-
-async fn metrics_loop(shared: Arc<Shared>, l: TcpListener) {
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut n = 0;
-            // Read the request head (bounded, with a deadline).
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if head.starts_with("GET ") && path == "/metrics" {
-                let ctl = shared.ctl.lock().await;
-                match metrics::render(&ctl) {
-                    Ok(text) => ("200 OK", text),
-                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
-                }
-            } else {
-                ("404 Not Found", "metrics are at /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
     }
 }

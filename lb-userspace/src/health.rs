@@ -13,21 +13,57 @@ const IPPROTO_MPTCP: i32 = 262;
 const SOL_MPTCP: i32 = 284;
 const MPTCP_INFO: i32 = 1;
 
-/// Runs one check of `kind` against `addr`, bounded by the check's timeout. Err says why
-/// it failed, in words for the log.
-pub async fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
-    match tokio::time::timeout(check.timeout(), probe_inner(check, addr)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", check.timeout_ms)),
+/// Why a check did not pass, in words for the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend failed it: refused, no answer in time, a wrong answer.
+    Backend(String),
+    /// This host could not run it (out of file descriptors, memory or buffers, no
+    /// MPTCP here): it says nothing about the backend, whose state must not change.
+    Local(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Backend(s) => f.write_str(s),
+            Failure::Local(s) => write!(f, "could not run on this host: {s}"),
+        }
     }
 }
 
-async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Backend(s)
+    }
+}
+
+/// An I/O error of step `what`, as the backend's failure or this host's.
+pub fn io_failure(what: &str, e: &std::io::Error) -> Failure {
+    let msg = format!("{what}: {e}");
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Failure::Local(msg),
+        _ => Failure::Backend(msg),
+    }
+}
+
+/// Runs one check of `kind` against `addr`, bounded by the check's timeout.
+pub async fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<(), Failure> {
+    match tokio::time::timeout(check.timeout(), probe_inner(check, addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::Backend(format!(
+            "no answer within {} ms",
+            check.timeout_ms
+        ))),
+    }
+}
+
+async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), Failure> {
     match check.kind {
         HealthKind::Tcp => {
             tokio::net::TcpStream::connect(addr)
                 .await
-                .map_err(|e| format!("connect: {e}"))?;
+                .map_err(|e| io_failure("connect", &e))?;
             Ok(())
         }
         HealthKind::Mptcp => {
@@ -35,13 +71,13 @@ async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), String
             if mptcp_negotiated(&stream) {
                 Ok(())
             } else {
-                Err("connected, but the backend answered without MPTCP (fell back to TCP: is net.mptcp.enabled=1 and does the server use IPPROTO_MPTCP?)".into())
+                Err(Failure::Backend("connected, but the backend answered without MPTCP (fell back to TCP: is net.mptcp.enabled=1 and does the server use IPPROTO_MPTCP?)".into()))
             }
         }
         HealthKind::Http => {
             let mut s = tokio::net::TcpStream::connect(addr)
                 .await
-                .map_err(|e| format!("connect: {e}"))?;
+                .map_err(|e| io_failure("connect", &e))?;
             let req = format!(
                 "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: mptcp-lb-health\r\nConnection: close\r\n\r\n",
                 check.http_path,
@@ -49,11 +85,11 @@ async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), String
             );
             s.write_all(req.as_bytes())
                 .await
-                .map_err(|e| format!("send: {e}"))?;
+                .map_err(|e| io_failure("send", &e))?;
             let mut head = Vec::with_capacity(256);
             let mut buf = [0u8; 256];
             while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
-                let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+                let n = s.read(&mut buf).await.map_err(|e| io_failure("read", &e))?;
                 if n == 0 {
                     break;
                 }
@@ -63,10 +99,10 @@ async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), String
             if status == check.http_status {
                 Ok(())
             } else {
-                Err(format!(
+                Err(Failure::Backend(format!(
                     "HTTP status {status}, expected {}",
                     check.http_status
-                ))
+                )))
             }
         }
     }
@@ -85,7 +121,7 @@ pub fn parse_status(head: &[u8]) -> Result<u16, String> {
     }
 }
 
-async fn connect_mptcp(addr: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+async fn connect_mptcp(addr: SocketAddr) -> Result<tokio::net::TcpStream, Failure> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -93,14 +129,17 @@ async fn connect_mptcp(addr: SocketAddr) -> Result<tokio::net::TcpStream, String
     };
     let sock =
         Socket::new(domain, Type::STREAM, Some(Protocol::from(IPPROTO_MPTCP))).map_err(|e| {
-            format!("MPTCP socket on the balancer host: {e} (net.mptcp.enabled=0 here?)")
+            Failure::Local(format!(
+                "MPTCP socket on the balancer host: {e} (net.mptcp.enabled=0 here?)"
+            ))
         })?;
-    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    sock.set_nonblocking(true)
+        .map_err(|e| Failure::Local(e.to_string()))?;
     let std_stream: std::net::TcpStream = sock.into();
     tokio::net::TcpSocket::from_std_stream(std_stream)
         .connect(addr)
         .await
-        .map_err(|e| format!("connect: {e}"))
+        .map_err(|e| io_failure("connect", &e))
 }
 
 /// True when the connection speaks MPTCP: on a connection that fell back to TCP the
@@ -235,7 +274,7 @@ mod tests {
         assert_eq!(probe(&check(HealthKind::Tcp), good).await, Ok(()));
         assert_eq!(probe(&check(HealthKind::Http), good).await, Ok(()));
         let e = probe(&check(HealthKind::Http), bad).await.expect_err("503");
-        assert!(e.contains("HTTP status 503, expected 200"), "{e}");
+        assert_eq!(e, Failure::Backend("HTTP status 503, expected 200".into()));
         // Nobody listens on a port we just closed.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -244,6 +283,34 @@ mod tests {
         let e = probe(&check(HealthKind::Tcp), closed)
             .await
             .expect_err("refused");
-        assert!(e.starts_with("connect:"), "{e}");
+        assert!(
+            matches!(&e, Failure::Backend(m) if m.starts_with("connect:")),
+            "{e}"
+        );
+    }
+
+    /// Running out of descriptors or memory here is this host's failure, not the
+    /// backend's: the daemon must not take a backend down for it.
+    #[test]
+    fn local_exhaustion_is_not_the_backends_failure() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(io_failure("connect", &e), Failure::Local(_)),
+                "{e}"
+            );
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ETIMEDOUT,
+            libc::ECONNRESET,
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(io_failure("connect", &e), Failure::Backend(_)),
+                "{e}"
+            );
+        }
     }
 }

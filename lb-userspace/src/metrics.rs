@@ -1,5 +1,22 @@
-//! Prometheus metrics, built from the maps at each scrape (per-CPU counters summed).
+//! Prometheus metrics, built from the maps at each scrape (per-CPU counters summed), and
+//! the HTTP endpoint that serves them (hyper), bounded so that clients of the metrics
+//! port cannot exhaust the daemon's file descriptors or its CPU.
 
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{HashMap, MapData};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lb_common::maps::{Conn, FlowKey, MAP_CONNS, MAP_TOKENS, TokenEntry};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -17,8 +34,45 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// The text exposition of everything the daemon knows.
-pub fn render(ctl: &Controller) -> anyhow::Result<String> {
+/// Sizes of the two big tables, counted through handles of their own so that a scrape
+/// walks them without holding the controller (health changes and reloads go on).
+pub struct TableCounter {
+    conns: HashMap<MapData, FlowKey, Conn>,
+    tokens: HashMap<MapData, u32, TokenEntry>,
+}
+
+impl TableCounter {
+    /// Opens the tables pinned in `layout_dir` (`<pin path>/v<layout>`).
+    pub fn open(layout_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let open = |name: &str| -> anyhow::Result<aya::maps::Map> {
+            let path = layout_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening the pinned map {}", path.display()))?;
+            Ok(aya::maps::Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            conns: HashMap::try_from(open(MAP_CONNS)?)?,
+            tokens: HashMap::try_from(open(MAP_TOKENS)?)?,
+        })
+    }
+
+    /// (connection entries, token entries), each a walk over the table's keys.
+    pub fn count(&self) -> (usize, usize) {
+        (
+            self.conns.keys().filter(Result::is_ok).count(),
+            self.tokens.keys().filter(Result::is_ok).count(),
+        )
+    }
+}
+
+/// The text exposition of everything the daemon knows; `tables` is
+/// [`TableCounter::count`]'s answer, taken before the controller was locked.
+pub fn render(
+    ctl: &Controller,
+    tables: (usize, usize),
+    http: &HttpStats,
+) -> anyhow::Result<String> {
     let mut reg = Registry::with_prefix("mptcp_lb");
 
     let events: Family<Labels, Counter> = Family::default();
@@ -89,7 +143,7 @@ pub fn render(ctl: &Controller) -> anyhow::Result<String> {
     );
 
     let conns: Gauge = Gauge::default();
-    conns.set(ctl.dp.conn_entries() as i64);
+    conns.set(tables.0 as i64);
     reg.register(
         "conn_table_entries",
         "Entries in the connection table",
@@ -103,7 +157,7 @@ pub fn render(ctl: &Controller) -> anyhow::Result<String> {
         conns_cap,
     );
     let tokens: Gauge = Gauge::default();
-    tokens.set(ctl.dp.token_entries() as i64);
+    tokens.set(tables.1 as i64);
     reg.register("token_table_entries", "Learned MPTCP tokens", tokens);
     let tokens_cap: Gauge = Gauge::default();
     tokens_cap.set(i64::from(ctl.dp.sizes.token_entries));
@@ -131,7 +185,108 @@ pub fn render(ctl: &Controller) -> anyhow::Result<String> {
         last,
     );
 
+    let refused: Counter = Counter::default();
+    refused.inc_by(http.refused.load(Ordering::Relaxed));
+    reg.register(
+        "metrics_connections_refused",
+        "Connections to the metrics endpoint closed at once because it already served its maximum",
+        refused,
+    );
+
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
+}
+
+/// Connections the metrics endpoint serves at once; more are closed on accept, so that
+/// idle or slow clients hold at most this many of the daemon's file descriptors.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A client must send its request head within this, and a connection lives at most
+/// [`CONNECTION_LIFETIME`] (keep-alive included), so a held slot frees itself.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// What the endpoint itself counts.
+#[derive(Default)]
+pub struct HttpStats {
+    pub refused: AtomicU64,
+}
+
+/// Serves `GET /metrics` on `l` with the body `render` returns, until the task is
+/// dropped. Other paths get 404, other methods 405; at most [`MAX_CONNECTIONS`] at once.
+pub async fn serve<F, Fut>(l: tokio::net::TcpListener, stats: Arc<HttpStats>, render: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<String>> + Send,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warning = None::<std::time::Instant>;
+    loop {
+        let stream = match l.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors (or memory): the pending connection stays in
+                // the backlog and accept would fail again at once, so wait instead of
+                // spinning, and say so now and then.
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed; retrying in 100 ms");
+                    last_warning = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req: Request<Incoming>| {
+                let render = render.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(req, render).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+        });
+    }
+}
+
+async fn answer<F, Fut>(req: Request<Incoming>, render: F) -> Response<Full<Bytes>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = anyhow::Result<String>>,
+{
+    let (status, body) = if req.uri().path() != "/metrics" {
+        (
+            StatusCode::NOT_FOUND,
+            "metrics are at /metrics\n".to_string(),
+        )
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_string())
+    } else {
+        match render().await {
+            Ok(text) => (StatusCode::OK, text),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+        }
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+    }
+    resp
 }

@@ -40,16 +40,25 @@ pub struct Daemon {
     child: Option<Child>,
     /// SIGHUPs sent by the last `spawn_hupping`.
     hups: usize,
+    /// The daemon's open-file limit (soft and hard), when set before a spawn.
+    pub nofile: Option<u64>,
 }
 
 impl Daemon {
     /// Writes `config` (which must name `socket` and `pin_path` as given by
     /// [`Daemon::paths`]) and starts the daemon in `ns`; returns once it answers.
     pub fn start(ns: &Netns, tag: &str, config: &str) -> Daemon {
+        let mut d = Daemon::prepare(ns, tag, config);
+        d.spawn();
+        d
+    }
+
+    /// As [`Daemon::start`], without starting it.
+    pub fn prepare(ns: &Netns, tag: &str, config: &str) -> Daemon {
         let (dir, socket, pin_path) = Daemon::paths(tag);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("daemon dir");
-        let mut d = Daemon {
+        let d = Daemon {
             ns_path: ns.path(),
             config: dir.join("lb.toml"),
             dir,
@@ -57,9 +66,9 @@ impl Daemon {
             pin_path,
             child: None,
             hups: 0,
+            nofile: None,
         };
         d.write_config(config);
-        d.spawn();
         d
     }
 
@@ -101,7 +110,8 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("log file");
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net={}", self.ns_path))
             .arg("--")
             .arg(binary())
@@ -110,9 +120,26 @@ impl Daemon {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn mptcp-lb run");
+            .stderr(log);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing
+            // else.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn mptcp-lb run");
         self.child = Some(child);
         let start = Instant::now();
         let mut hups = 0;

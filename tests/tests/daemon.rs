@@ -38,16 +38,7 @@ const METRICS: &str = "127.0.0.1:9640";
 
 /// GET /metrics from the daemon in `ns`.
 fn scrape(ns: &Netns) -> String {
-    ns.within(|| {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(METRICS).expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-        out
-    })
+    try_scrape(ns).expect("the metrics endpoint answers 200")
 }
 
 /// The value of the sample named exactly `name` (with its labels).
@@ -394,6 +385,131 @@ fn health_checks_and_drain() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("service \"web\" has no backend 10.9.9.9")
     );
+}
+
+/// Clients of the metrics port cannot take backends down: 600 idle connections against a
+/// daemon limited to 256 open files (a local user can open them; anyone, when
+/// `metrics_listen` is public) leave every health check running and every backend
+/// active, the control socket answering, VIP traffic flowing and the daemon's CPU
+/// quiet; the endpoint serves again as soon as they go.
+#[test]
+fn metrics_connection_flood_takes_no_backend_down() {
+    if !privileged("metrics_connection_flood_takes_no_backend_down") {
+        return;
+    }
+    let tb = Testbed::new("mlb-mfl", 2);
+    let _s1 = serve(&tb.backends[0]);
+    let _s2 = serve(&tb.backends[1]);
+    let tag = "mfl";
+    let config =
+        Testbed::daemon_config(tag, &Testbed::service_toml("web", &[1, 2], &health("tcp")))
+            .replacen(
+                "[balancer]",
+                &format!("[balancer]\nmetrics_listen = \"{METRICS}\""),
+                1,
+            );
+    let mut d = Daemon::prepare(&tb.lb, tag, &config);
+    d.nofile = Some(256);
+    d.spawn();
+    let (b1, b2) = (backend_addr4(1).to_string(), backend_addr4(2).to_string());
+    d.wait_state("web", &b1, "active", Duration::from_secs(10));
+    d.wait_state("web", &b2, "active", Duration::from_secs(10));
+
+    let cpu_before = cpu_seconds(d.pid());
+    let held: Vec<std::net::TcpStream> = tb.lb.within(|| {
+        (0..600)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(
+                    &METRICS.parse().expect("addr"),
+                    Duration::from_secs(1),
+                )
+                .ok()
+            })
+            .collect()
+    });
+    println!("{} idle connections to the metrics port", held.len());
+    assert!(
+        held.len() > 256,
+        "the flood needs more connections than the daemon has files"
+    );
+    // Five times interval x fall: a backend whose checks failed would be down by now.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut polls = 0;
+    while Instant::now() < until {
+        for b in [&b1, &b2] {
+            assert_eq!(
+                d.backend_state("web", b).as_deref(),
+                Some("active"),
+                "backend {b} under a metrics flood:\n{}",
+                d.log()
+            );
+        }
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cpu = cpu_seconds(d.pid()) - cpu_before;
+    println!("{polls} status polls all active; daemon CPU {cpu:.2} s in 3 s");
+    assert!(cpu < 0.6, "the daemon spun: {cpu:.2} s of CPU in 3 s");
+    assert!(!d.log().contains("health check failed"), "{}", d.log());
+    let errors = run_clients(&tb.client, 20, 5, true, alternate);
+    assert!(
+        errors.is_empty(),
+        "VIP traffic during the flood: {errors:?}"
+    );
+
+    drop(held);
+    let text = wait_until(Duration::from_secs(10), "a scrape after the flood", || {
+        let text = try_scrape(&tb.lb)?;
+        Some(text)
+    });
+    let refused = metric(&text, "mptcp_lb_metrics_connections_refused_total");
+    println!("metrics connections refused: {refused}");
+    assert!(refused > 0, "{text}");
+    // Other paths and methods get their own answers.
+    assert!(http(&tb.lb, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(
+        http(
+            &tb.lb,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        .starts_with("HTTP/1.1 405")
+    );
+}
+
+/// User plus system CPU seconds of process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which ends with the last ')').
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 here.
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// One request `req` to the metrics port; the whole answer ("" when it failed).
+fn http(ns: &Netns, req: &str) -> String {
+    let req = req.to_string();
+    ns.within(move || {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(METRICS) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(req.as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}
+
+fn try_scrape(ns: &Netns) -> Option<String> {
+    let out = http(
+        ns,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    out.starts_with("HTTP/1.1 200 OK").then_some(out)
 }
 
 /// One daemon per dataplane: a second `mptcp-lb run` on the same pin path (its own

@@ -353,6 +353,8 @@ ExecReload=/bin/kill -HUP $MAINPID
 KillSignal=SIGTERM
 Restart=on-failure
 RestartSec=1
+# Health probes, control and metrics connections each take a descriptor.
+LimitNOFILE=65536
 
 [Install]
 WantedBy=multi-user.target
