@@ -101,6 +101,13 @@ counters! {
     /// Decapsulation program: a tunnel packet marked CE (congestion) whose inner packet
     /// is not ECN-capable: dropped, as RFC 6040 requires.
     DecapCeNotEct = "decap_ce_not_ect",
+    /// An MP_JOIN SYN to a backend's join port: sent to that backend.
+    JoinPortRouted = "join_port_routed",
+    /// A SYN to a join port that is not an MP_JOIN (a new connection, a scan): dropped.
+    DropJoinPortNotJoin = "drop_join_port_not_join",
+    /// An MP_JOIN SYN to the join port of a backend out of service (down, disabled or
+    /// removed): dropped, as a token join for it would be.
+    DropJoinPortBackendOut = "drop_join_port_backend_out",
 }
 
 /// Number of global counters.

@@ -146,9 +146,40 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 pub struct VipInfo {
     /// Service id: index of its Maglev ring and its stats slot.
     pub service: u32,
+    /// `VIP_*` bits; for a join port, the backend's id above [`VIP_BACKEND_SHIFT`].
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 8);
+
+/// A backend's join port (VIP:P, announced by the backend with ADD_ADDR): every packet
+/// of an MP_JOIN subflow there goes to that backend, on every node, without state.
+pub const VIP_JOIN_PORT: u32 = 1;
+/// A service port whose service steers joins by port: its backends set the C bit, so
+/// version 1 clients never join it and their tokens need not be learned.
+pub const VIP_STEERS_BY_PORT: u32 = 2;
+/// Where a join port's backend id sits in [`VipInfo::flags`].
+pub const VIP_BACKEND_SHIFT: u32 = 16;
+const _: () = assert!(MAX_BACKENDS <= 1 << (32 - VIP_BACKEND_SHIFT));
+
+impl VipInfo {
+    /// The entry of backend `backend`'s join port in `service`.
+    pub const fn join_port(service: u32, backend: u32) -> Self {
+        Self {
+            service,
+            flags: VIP_JOIN_PORT | (backend << VIP_BACKEND_SHIFT),
+        }
+    }
+
+    /// The backend of a join port (0 for a service port).
+    #[inline(always)]
+    pub const fn join_backend(&self) -> u32 {
+        if self.flags & VIP_JOIN_PORT != 0 {
+            self.flags >> VIP_BACKEND_SHIFT
+        } else {
+            0
+        }
+    }
+}
 
 /// The backend may take new connections (it is in the Maglev table).
 pub const BACKEND_ACTIVE: u32 = 1;

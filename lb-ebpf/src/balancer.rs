@@ -161,6 +161,48 @@ pub fn may_log() -> bool {
     rate(RATE_LOG, MAX_LOG_RATE) == Rate::Under
 }
 
+/// A packet to a backend's join port (VIP:P). The service's backends set the C bit
+/// (RFC 8684: no joins to the initial address and port) and each announced VIP with a
+/// port of its own (ADD_ADDR), so every packet here belongs to that port's backend: the
+/// same answer on every node, from the configuration alone, with no table entry. An
+/// MP_JOIN SYN opens a subflow (while the backend takes joins: active or draining);
+/// any other SYN is not a join and is dropped; later packets follow their subflow.
+#[inline(always)]
+fn to_join_port(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    vip: &VipInfo,
+    cfg: &Config,
+    is_syn: bool,
+    packet_len: u64,
+) -> u32 {
+    let backend_id = vip.join_backend();
+    let Some(backend) = BACKENDS.get(backend_id).copied() else {
+        count(Counter::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    if is_syn {
+        if !matches!(mptcp::option(ctx, pkt), Some(MptcpOption::JoinSyn { .. })) {
+            count(Counter::DropJoinPortNotJoin);
+            return xdp_action::XDP_DROP;
+        }
+        if backend.flags & BACKEND_TAKES_JOINS == 0 {
+            count(Counter::DropJoinPortBackendOut);
+            return xdp_action::XDP_DROP;
+        }
+        count(Counter::JoinPortRouted);
+    } else if backend.flags == 0 {
+        count(Counter::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    }
+    add_traffic(&SERVICE_STATS, vip.service, packet_len);
+    add_traffic(&BACKEND_STATS, backend_id, packet_len);
+    encap::forward(
+        ctx, cfg, key, 0, false, backend_id, &backend, pkt.l3_off, pkt.ip_len, pkt.ipv6,
+    )
+}
+
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> u32 {
     let pkt = match parse::parse(ctx) {
@@ -210,6 +252,9 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     };
     let is_syn =
         pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if vip.flags & VIP_JOIN_PORT != 0 {
+        return to_join_port(ctx, &pkt, &key, &vip, cfg, is_syn, packet_len);
+    }
 
     let mut backend_id = 0;
     // What a new table entry for this flow records (used when it is not in the table).
@@ -233,6 +278,11 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                     Counter::MpCapableSynV1
                 });
                 conn_flags = CONN_MPTCP;
+                // Its backend sets the C bit and announces a join port: a version 1
+                // client never joins this port, so its token is not needed.
+                if version == 1 && vip.flags & VIP_STEERS_BY_PORT != 0 {
+                    conn_flags |= CONN_TOKEN_DONE;
+                }
                 // Not a restart of learning for a flow that just learned: its entry and
                 // token stay, and the SYN follows them.
                 if let Some(id) = mptcp::learned_recently(&key) {

@@ -57,6 +57,19 @@ pub enum UnknownJoinPolicy {
     Hash,
 }
 
+/// How a service's MP_JOIN subflows find their backend.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinSteering {
+    /// By the token in the join SYN, looked up in the token table this node learned.
+    #[default]
+    Token,
+    /// By port: each backend has a `join_port`, sets the C bit and announces VIP:port
+    /// (ADD_ADDR), and every node sends that port's packets to it with no state.
+    /// Version 0 clients and clients that ignore the C bit still use the token path.
+    Port,
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthKind {
@@ -123,6 +136,9 @@ pub struct BackendConfig {
     pub drain: bool,
     /// Overrides the service's health check.
     pub health: Option<HealthCheck>,
+    /// With `join_steering = "port"`: the port this backend announces on every TCP VIP
+    /// of its service, where its joins arrive. The same on every node.
+    pub join_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -132,8 +148,39 @@ pub struct ServiceConfig {
     /// `ADDRESS:PORT/PROTO`, e.g. `203.0.113.10:443/tcp` or `[2001:db8::10]:443/tcp`.
     pub vips: Vec<String>,
     pub health: Option<HealthCheck>,
+    #[serde(default)]
+    pub join_steering: JoinSteering,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,
+}
+
+impl ServiceConfig {
+    /// The join ports of this service as VIPs: each backend's port on every TCP VIP
+    /// address, with the backend's index in `backends`. Empty unless it steers by port.
+    pub fn join_vips(&self) -> Vec<(Vip, usize)> {
+        if self.join_steering != JoinSteering::Port {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for v in self.vips.iter().filter_map(|v| parse_vip(v).ok()) {
+            if v.proto != 6 {
+                continue;
+            }
+            for (bi, be) in self.backends.iter().enumerate() {
+                if let Some(port) = be.join_port {
+                    out.push((
+                        Vip {
+                            addr: v.addr,
+                            port,
+                            proto: 6,
+                        },
+                        bi,
+                    ));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -472,7 +519,54 @@ impl Config {
             if let Some(h) = &s.health {
                 check_health(h).map_err(|(f, r)| bad(at(&format!("health.{f}")), r))?;
             }
+            for (bi, be) in s.backends.iter().enumerate() {
+                let field = at(&format!("backend[{bi}].join_port"));
+                match (s.join_steering, be.join_port) {
+                    (JoinSteering::Port, None) => {
+                        return Err(bad(
+                            field,
+                            "missing: every backend of a service with join_steering = \"port\" needs its own join port".into(),
+                        ));
+                    }
+                    (JoinSteering::Token, Some(_)) => {
+                        return Err(bad(
+                            field,
+                            "set, but the service's join_steering is \"token\" (set join_steering = \"port\", or remove it)".into(),
+                        ));
+                    }
+                    (_, Some(0)) => return Err(bad(field, "port 0 cannot be a join port".into())),
+                    _ => {}
+                }
+            }
+            if s.join_steering == JoinSteering::Port
+                && !s
+                    .vips
+                    .iter()
+                    .filter_map(|v| parse_vip(v).ok())
+                    .any(|v| v.proto == 6)
+            {
+                return Err(bad(
+                    at("join_steering"),
+                    "\"port\" needs a TCP VIP (MPTCP runs over TCP)".into(),
+                ));
+            }
             backends_total += s.backends.len();
+        }
+        // Join ports are VIPs too: none may be a service port or another backend's join
+        // port on the same address, in any service.
+        for (si, s) in self.services.iter().enumerate() {
+            for (vip, bi) in s.join_vips() {
+                let field = format!("service[{si}] ({}).backend[{bi}].join_port", s.name);
+                let this = format!("the join port of backend {}", s.backends[bi].address);
+                if let Some(other) = vips.insert(vip, this) {
+                    let other = if self.services.iter().any(|s| s.name == other) {
+                        format!("a port of service {other:?}")
+                    } else {
+                        other
+                    };
+                    return Err(bad(field, format!("{vip} is already {other}")));
+                }
+            }
         }
         if backends_total >= lb_common::maps::MAX_BACKENDS as usize {
             return Err(bad(
@@ -672,12 +766,91 @@ health = { kind = "mptcp" }
                 variant(r#"address = "10.0.1.11""#, r#"address = "10.0.1""#),
                 "lb.toml:14:13: invalid IP address syntax",
             ),
+            (
+                variant(
+                    r#"address = "10.0.1.11""#,
+                    r#"address = "10.0.1.11"
+  join_port = 20001"#,
+                ),
+                "service[0] (web).backend[0].join_port: set, but the service's join_steering is \"token\"",
+            ),
+            (
+                variant(
+                    r#"health = { kind = "mptcp" }"#,
+                    r#"join_steering = "port""#,
+                )
+                .replace(
+                    r#"address = "10.0.1.11""#,
+                    r#"address = "10.0.1.11"
+  join_port = 20001"#,
+                ),
+                "service[0] (web).backend[1].join_port: missing: every backend",
+            ),
+            (
+                variant(
+                    r#"health = { kind = "mptcp" }"#,
+                    r#"join_steering = "port""#,
+                )
+                .replace(
+                    r#"address = "10.0.1.11""#,
+                    r#"address = "10.0.1.11"
+  join_port = 20001"#,
+                )
+                .replace("drain = true", "join_port = 20001"),
+                "service[0] (web).backend[1].join_port: 203.0.113.10:20001/tcp is already the join port of backend 10.0.1.11",
+            ),
+            (
+                variant(
+                    r#"health = { kind = "mptcp" }"#,
+                    r#"join_steering = "port""#,
+                )
+                .replace(
+                    r#"address = "10.0.1.11""#,
+                    r#"address = "10.0.1.11"
+  join_port = 443"#,
+                )
+                .replace("drain = true", "join_port = 20002"),
+                "service[0] (web).backend[0].join_port: 203.0.113.10:443/tcp is already a port of service \"web\"",
+            ),
         ];
         for (text, expected) in cases {
             let got = error(text);
             assert!(got.contains(expected), "expected {expected:?} in:\n{got}");
         }
         assert!(cases.len() >= 10);
+    }
+
+    #[test]
+    fn join_ports_are_one_per_backend_on_every_tcp_vip() {
+        let text = variant(
+            r#"health = { kind = "mptcp" }"#,
+            r#"join_steering = "port""#,
+        )
+        .replace(
+            r#"address = "10.0.1.11""#,
+            "address = \"10.0.1.11\"\n  join_port = 20001",
+        )
+        .replace("drain = true", "join_port = 20002");
+        let c = parse(&text).expect("valid");
+        let got: Vec<String> = c.services[0]
+            .join_vips()
+            .iter()
+            .map(|(v, bi)| format!("{v} {bi}"))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "203.0.113.10:20001/tcp 0",
+                "203.0.113.10:20002/tcp 1",
+                "[2001:db8::10]:20001/tcp 0",
+                "[2001:db8::10]:20002/tcp 1"
+            ]
+        );
+        assert!(
+            parse(GOOD).expect("valid").services[0]
+                .join_vips()
+                .is_empty()
+        );
     }
 
     #[test]

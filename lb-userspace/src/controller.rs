@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use lb_common::maps::*;
 
 use crate::{
-    config::{self, Config as FileConfig, HealthCheck, UnknownJoinPolicy, Vip},
+    config::{self, Config as FileConfig, HealthCheck, JoinSteering, UnknownJoinPolicy, Vip},
     dataplane::{Dataplane, addr_words, words_addr},
     maglev,
 };
@@ -78,8 +78,8 @@ pub struct Controller {
     pub config_path: PathBuf,
     /// Service name → id.
     services: BTreeMap<String, u32>,
-    /// Installed VIPs → service id.
-    vips: HashMap<Vip, u32>,
+    /// Installed VIPs (service ports and join ports) → what the dataplane has for them.
+    vips: HashMap<Vip, VipInfo>,
     /// Backend id → state.
     backends: BTreeMap<u32, BackendState>,
     pub reloads: u64,
@@ -217,7 +217,7 @@ impl Controller {
                     port: u16::from_be(k.port),
                     proto: k.proto,
                 },
-                info.service,
+                info,
             );
         }
         Ok(())
@@ -388,11 +388,33 @@ impl Controller {
             .collect();
 
         // Rings first (the backends above are in place), then new VIPs, then stale ones.
-        let mut want_vips: HashMap<Vip, u32> = HashMap::new();
+        let mut want_vips: HashMap<Vip, VipInfo> = HashMap::new();
         for s in &new.services {
+            let sid = self.services[&s.name];
+            let flags = if s.join_steering == JoinSteering::Port {
+                VIP_STEERS_BY_PORT
+            } else {
+                0
+            };
             for v in &s.vips {
                 let vip = config::parse_vip(v).map_err(anyhow::Error::msg)?;
-                want_vips.insert(vip, self.services[&s.name]);
+                want_vips.insert(
+                    vip,
+                    VipInfo {
+                        service: sid,
+                        flags,
+                    },
+                );
+            }
+            for (vip, bi) in s.join_vips() {
+                let address = s.backends[bi].address;
+                let id = self
+                    .backends
+                    .values()
+                    .find(|b| b.service_id == sid && b.address == address)
+                    .map(|b| b.id)
+                    .context("a join port's backend has no id")?;
+                want_vips.insert(vip, VipInfo::join_port(sid, id));
             }
         }
         for s in &new.services {
@@ -400,10 +422,10 @@ impl Controller {
             let written = self.write_ring(sid)?;
             summary.slots_written += written;
         }
-        for (vip, sid) in &want_vips {
-            if self.vips.get(vip) != Some(sid) {
-                self.dp.add_vip(vip.addr, vip.port, vip.proto, *sid)?;
-                self.vips.insert(*vip, *sid);
+        for (vip, info) in &want_vips {
+            if self.vips.get(vip) != Some(info) {
+                self.dp.set_vip(vip.addr, vip.port, vip.proto, *info)?;
+                self.vips.insert(*vip, *info);
                 summary.vips_added += 1;
             }
         }
@@ -488,6 +510,11 @@ impl Controller {
                     new_vips.insert(vip);
                 }
             }
+            for (vip, _) in s.join_vips() {
+                if !self.vips.contains_key(&vip) {
+                    new_vips.insert(vip);
+                }
+            }
         }
         let installed_addrs: HashSet<IpAddr> = self.vips.keys().map(|v| v.addr).collect();
         let new_addrs: HashSet<IpAddr> = new_vips
@@ -512,7 +539,7 @@ impl Controller {
         Ok(())
     }
 
-    fn remove_vip(&mut self, vip: &Vip, keep: &HashMap<Vip, u32>) -> anyhow::Result<()> {
+    fn remove_vip(&mut self, vip: &Vip, keep: &HashMap<Vip, VipInfo>) -> anyhow::Result<()> {
         let (words, family) = addr_words(vip.addr);
         let key = VipKey {
             addr: words,

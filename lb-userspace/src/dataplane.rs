@@ -329,8 +329,18 @@ impl Dataplane {
         proto: u8,
         service: u32,
     ) -> anyhow::Result<()> {
+        self.set_vip(addr, port, proto, VipInfo { service, flags: 0 })
+    }
+
+    /// Installs (or rewrites) VIP `addr:port/proto` with `info`, and its address marker.
+    pub fn set_vip(
+        &mut self,
+        addr: IpAddr,
+        port: u16,
+        proto: u8,
+        info: VipInfo,
+    ) -> anyhow::Result<()> {
         let (words, family) = addr_words(addr);
-        let info = VipInfo { service, flags: 0 };
         let key = VipKey {
             addr: words,
             port: port.to_be(),
@@ -347,9 +357,13 @@ impl Dataplane {
             proto: 0,
             family,
         };
+        let marker_info = VipInfo {
+            service: info.service,
+            flags: 0,
+        };
         self.maps
             .vips
-            .insert(marker, info, 0)
+            .insert(marker, marker_info, 0)
             .context("writing LB_VIPS address marker")
     }
 
