@@ -9,6 +9,7 @@ pub mod decap;
 pub mod health;
 pub mod host;
 pub mod inspect;
+pub mod join_ports;
 pub mod kernel_log;
 pub mod loader;
 pub mod maglev;

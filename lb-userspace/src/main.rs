@@ -92,6 +92,34 @@ enum Command {
         #[command(subcommand)]
         action: DecapAction,
     },
+    /// Backend side of `join_steering = "port"`: set the C bit (clients do not join the
+    /// service port) and announce VIP:join_port on each TCP VIP (MPTCP signal
+    /// endpoints), from the balancer's configuration file.
+    JoinPorts {
+        #[arg(value_enum)]
+        action: JoinPortsAction,
+        /// The balancer's configuration file (the same on every node and backend).
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// This backend's address in the file (default: the one this host has).
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// With apply: turn TCP timestamps off so that IPv6 join ports can be announced
+        /// (their ADD_ADDR does not fit beside timestamps). Costs PAWS and per-ACK RTT
+        /// samples on every TCP connection of the host.
+        #[arg(long)]
+        no_timestamps: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum JoinPortsAction {
+    /// Set the C bit and add the missing endpoints (idempotent).
+    Apply,
+    /// Clear the C bit, then withdraw every port announced on the file's VIP addresses.
+    Undo,
+    /// What is applied and what is missing; exit 1 when incomplete.
+    Status,
 }
 
 #[derive(clap::Args)]
@@ -354,6 +382,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             decap::detach(&cli.bpffs, &iface)?;
             println!("decapsulation detached from {iface}");
+        }
+        Command::JoinPorts {
+            action,
+            config,
+            backend,
+            no_timestamps,
+        } => {
+            use lb_userspace::join_ports::{self, Plan, State};
+            // The file is the balancer's: its interface is not this host's.
+            let cfg = lb_userspace::config::Config::load(&config, |_| true)?;
+            if let JoinPortsAction::Undo = action {
+                let changed = join_ports::undo(&join_ports::vip_addresses(&cfg))?;
+                if changed.is_empty() {
+                    println!("nothing to change");
+                }
+                for line in changed {
+                    println!("{line}");
+                }
+                return Ok(());
+            }
+            let plan = Plan::from_config(&cfg, backend, &decap::local_addresses()?)?;
+            let changed = match action {
+                JoinPortsAction::Apply => join_ports::apply(&plan, no_timestamps)?,
+                JoinPortsAction::Undo => unreachable!("handled above"),
+                JoinPortsAction::Status => {
+                    let state = State::read(&plan)?;
+                    for line in state.report(&plan) {
+                        println!("{line}");
+                    }
+                    if !state.complete() {
+                        anyhow::bail!(
+                            "join ports incomplete on this backend: run `mptcp-lb join-ports apply --config {}`",
+                            config.display()
+                        );
+                    }
+                    return Ok(());
+                }
+            };
+            if changed.is_empty() {
+                println!("backend {}: nothing to change", plan.backend);
+            }
+            for line in changed {
+                println!("backend {}: {line}", plan.backend);
+            }
         }
     }
     Ok(())

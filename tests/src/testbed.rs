@@ -42,28 +42,62 @@ pub fn backend_addr4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 10 + i as u8, 2)
 }
 
+/// Balancer node `k`'s (1-based) addresses on its link to the router: node 1 has
+/// [`LB4`] and [`LB6`]; node k has 10.0.(1+k).2 and fd00:a(1+k)::2.
+pub fn node_addrs(k: usize) -> (Ipv4Addr, Ipv6Addr) {
+    let n = 1 + k as u16;
+    (
+        Ipv4Addr::new(10, 0, n as u8, 2),
+        Ipv6Addr::new(0xfd00, 0xa0 + n, 0, 0, 0, 0, 0, 2),
+    )
+}
+
 pub struct Testbed {
     pub client: Netns,
     pub router: Netns,
+    /// Balancer node 1 (the only one unless built with [`Testbed::fleet`]).
     pub lb: Netns,
+    /// Balancer nodes 2, 3, ... of a fleet.
+    pub more_lbs: Vec<Netns>,
     pub backends: Vec<Netns>,
     bpffs: String,
 }
 
 impl Testbed {
-    /// Builds the topology with `n_backends` backends; namespaces are named
-    /// `<prefix>-client`, `<prefix>-be1`, ... so tests do not collide.
+    /// Builds the topology with one balancer and `n_backends` backends; namespaces are
+    /// named `<prefix>-client`, `<prefix>-be1`, ... so tests do not collide.
     pub fn new(prefix: &str, n_backends: usize) -> Testbed {
+        Testbed::fleet(prefix, 1, n_backends)
+    }
+
+    /// The same with `n_nodes` balancer nodes (`<prefix>-lb`, `<prefix>-lb2`, ...)
+    /// behind the router, which spreads the VIPs over them by ECMP, hashing each packet's
+    /// 5-tuple as a production router does (`fib_multipath_hash_policy` 3 with addresses,
+    /// protocol and ports: policy 1 would reuse the socket's hash on veth, which Linux
+    /// redraws on retransmission timeouts).
+    pub fn fleet(prefix: &str, n_nodes: usize, n_backends: usize) -> Testbed {
+        assert!((1..=8).contains(&n_nodes), "1 to 8 balancer nodes");
         let bpffs = format!("/sys/fs/bpf/{prefix}");
         let _ = std::fs::remove_dir_all(&bpffs);
         let client = Netns::new(&format!("{prefix}-client"));
         let router = Netns::new(&format!("{prefix}-router"));
         let lb = Netns::new(&format!("{prefix}-lb"));
+        let more_lbs: Vec<Netns> = (2..=n_nodes)
+            .map(|k| Netns::new(&format!("{prefix}-lb{k}")))
+            .collect();
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
+            // A link taken down and up again (a node's loss) keeps its IPv6 addresses.
+            ("net.ipv6.conf.all.keep_addr_on_down", "1"),
+            ("net.ipv6.conf.default.keep_addr_on_down", "1"),
+            ("net.ipv4.fib_multipath_hash_policy", "3"),
+            ("net.ipv6.fib_multipath_hash_policy", "3"),
+            // Source and destination address, protocol, source and destination port.
+            ("net.ipv4.fib_multipath_hash_fields", "0x37"),
+            ("net.ipv6.fib_multipath_hash_fields", "0x37"),
         ] {
             router.sysctl(k, v);
         }
@@ -115,31 +149,68 @@ impl Testbed {
             "2",
         ]);
 
-        // The balancer's link carries tunnelled packets: room for the outer header.
-        veth(&lb, "lb0", &router, "rtl", 1600);
-        lb.addr("lb0", &format!("{LB4}/24"));
-        lb.addr("lb0", &format!("{LB6}/64"));
-        lb.route(&["default", "via", "10.0.2.1"]);
-        lb.run(&["ip", "-6", "route", "add", "default", "via", "fd00:a2::1"]);
-        for (k, v) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.lb0.send_redirects", "0"),
-        ] {
-            lb.sysctl(k, v);
+        // The balancers' links carry tunnelled packets: room for the outer header.
+        for (k, node) in std::iter::once(&lb).chain(&more_lbs).enumerate() {
+            let k = k + 1;
+            let (a4, a6) = node_addrs(k);
+            let (g4, g6) = (
+                Ipv4Addr::from(u32::from(a4) - 1),
+                Ipv6Addr::from(u128::from(a6) - 1),
+            );
+            let rt_if = if k == 1 {
+                "rtl".to_string()
+            } else {
+                format!("rtl{k}")
+            };
+            veth(node, "lb0", &router, &rt_if, 1600);
+            node.addr("lb0", &format!("{a4}/24"));
+            node.addr("lb0", &format!("{a6}/64"));
+            node.route(&["default", "via", &g4.to_string()]);
+            node.run(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &g6.to_string(),
+            ]);
+            for (key, v) in [
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.lb0.send_redirects", "0"),
+            ] {
+                node.sysctl(key, v);
+            }
+            router.addr(&rt_if, &format!("{g4}/24"));
+            router.addr(&rt_if, &format!("{g6}/64"));
+            node.offloads_off("lb0");
+            router.offloads_off(&rt_if);
         }
-        router.addr("rtl", "10.0.2.1/24");
-        router.addr("rtl", "fd00:a2::1/64");
-        router.route(&[&format!("{VIP4}/32"), "via", LB4]);
-        router.route(&[&format!("{VIP6}/128"), "via", LB6]);
-        lb.offloads_off("lb0");
-        router.offloads_off("rtl");
+        // The VIPs' routes: one next hop per node (ECMP when there are several).
+        for (vip, v6) in [(format!("{VIP4}/32"), false), (format!("{VIP6}/128"), true)] {
+            let mut args: Vec<String> = ["ip", if v6 { "-6" } else { "-4" }, "route", "add", &vip]
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            for k in 1..=n_nodes {
+                let (a4, a6) = node_addrs(k);
+                let via = if v6 { a6.to_string() } else { a4.to_string() };
+                if n_nodes > 1 {
+                    args.push("nexthop".into());
+                }
+                args.extend(["via".to_string(), via]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            router.run(&args);
+        }
 
         let mut tb = Testbed {
             client,
             router,
             lb,
+            more_lbs,
             backends: Vec::new(),
             bpffs,
         };
@@ -149,6 +220,7 @@ impl Testbed {
         // No IPv6 address may still be tentative when traffic starts (see Netns::new).
         for ns in [&tb.client, &tb.router, &tb.lb]
             .into_iter()
+            .chain(&tb.more_lbs)
             .chain(&tb.backends)
         {
             wait_until(Duration::from_secs(5), "IPv6 addresses past DAD", || {
@@ -156,6 +228,19 @@ impl Testbed {
             });
         }
         tb
+    }
+
+    /// Balancer node `k` (1-based).
+    pub fn node(&self, k: usize) -> &Netns {
+        if k == 1 {
+            &self.lb
+        } else {
+            &self.more_lbs[k - 2]
+        }
+    }
+
+    pub fn nodes(&self) -> usize {
+        1 + self.more_lbs.len()
     }
 
     /// Backend `i` (1-based) on 10.0.(10+i).0/24 and fd00:b<i>::/64.
@@ -234,7 +319,13 @@ impl Testbed {
     /// A daemon configuration for this testbed: the `[balancer]` section (pin path and
     /// control socket those of [`crate::daemon::Daemon::paths`]`(tag)`), then `services`.
     pub fn daemon_config(tag: &str, services: &str) -> String {
+        Testbed::node_config(tag, 1, services)
+    }
+
+    /// The same for balancer node `k`: its own addresses as the tunnels' source.
+    pub fn node_config(tag: &str, k: usize, services: &str) -> String {
         let (_, socket, pins) = crate::daemon::Daemon::paths(tag);
+        let (a4, a6) = node_addrs(k);
         format!(
             r#"[balancer]
 interface = "lb0"
@@ -244,8 +335,8 @@ control_socket = "{}"
 hash_seed = 0x0badcafe
 conn_table_size = 65536
 token_table_size = 65536
-source_v4 = "{LB4}"
-source_v6 = "{LB6}"
+source_v4 = "{a4}"
+source_v6 = "{a6}"
 
 {services}"#,
             pins.display(),

@@ -1,0 +1,366 @@
+//! A fleet: three balancer nodes, each running `mptcp-lb run` from the same services,
+//! behind a router that spreads the VIPs over them by 5-tuple ECMP, with real kernel
+//! MPTCP on the client and the backends. A join's 5-tuple is hashed on its own, so it
+//! reaches a node chosen independently of the one that saw its connection's handshake.
+//!
+//! With `join_steering = "port"` (backends set up by `mptcp-lb join-ports apply`), every
+//! join is held by its connection's backend, whichever node carried it, also when a node
+//! leaves under traffic; with token steering (the negative control, in the same test)
+//! joins that land on another node are lost. Checked on the backends: their MPTCP
+//! counters and each connection's subflows read from its socket.
+
+use std::{
+    net::IpAddr,
+    process::{Command, Output},
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use mptcp_lb_tests::{
+    daemon::{Daemon, binary},
+    netns::{Netns, wait_until},
+    privileged,
+    testbed::{
+        ConnRecord, PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4,
+        node_addrs, run_clients, serve,
+    },
+};
+
+const NODES: usize = 3;
+const BACKENDS: usize = 3;
+const JOIN_PORT_BASE: u16 = 20000;
+/// The client's second path (cell): its joins leave from here (a fullmesh endpoint).
+const SECOND_PATH: &str = "10.1.2.2";
+
+fn nstat(ns: &Netns, name: &str) -> u64 {
+    ns.nstat().get(name).copied().unwrap_or(0)
+}
+
+fn records(s: &Server) -> Vec<ConnRecord> {
+    s.records.lock().expect("records").clone()
+}
+
+/// The service: both VIPs, backends 1-3; with `port`, joins steered by port
+/// (backend i announces JOIN_PORT_BASE + i).
+fn service(port: bool) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"web\"\nvips = [\"{VIP4}:{PORT}/tcp\", \"[{VIP6}]:{PORT}/tcp\"]\n"
+    );
+    if port {
+        s.push_str("join_steering = \"port\"\n");
+    }
+    for i in 1..=BACKENDS {
+        s.push_str(&format!(
+            "[[service.backend]]\naddress = \"{}\"\n",
+            backend_addr4(i)
+        ));
+        if port {
+            s.push_str(&format!("join_port = {}\n", JOIN_PORT_BASE + i as u16));
+        }
+    }
+    s
+}
+
+/// `mptcp-lb ARGS` in namespace `ns`.
+fn cli_in(ns: &Netns, args: &[&str]) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .arg("--")
+        .arg(binary())
+        .args(args)
+        .output()
+        .expect("run mptcp-lb")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Packets node `d` forwarded (sent back out or redirected), from its counters.
+fn forwarded(d: &Daemon) -> u64 {
+    let s = d.json(&["inspect", "stats", "--json"]);
+    ["tx", "redirect"]
+        .iter()
+        .map(|k| s[*k].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn counter(d: &Daemon, name: &str) -> u64 {
+    d.json(&["inspect", "stats", "--json"])[name]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Per backend: (connections accepted, MPJoinSynRx, MPJoinPortSynRx, MPJoinNoTokenFound).
+fn join_counts(tb: &Testbed, servers: &[Server]) -> Vec<(u64, u64, u64, u64)> {
+    servers
+        .iter()
+        .zip(&tb.backends)
+        .map(|(s, be)| {
+            (
+                s.accepted.load(Ordering::Relaxed) as u64,
+                nstat(be, "MPTcpExtMPJoinSynRx"),
+                nstat(be, "MPTcpExtMPJoinPortSynRx"),
+                nstat(be, "MPTcpExtMPJoinNoTokenFound"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_join_reaches_its_backend_through_any_node() {
+    if !privileged("every_join_reaches_its_backend_through_any_node") {
+        return;
+    }
+    let tb = Testbed::fleet("mlb-flt", NODES, BACKENDS);
+    let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    for s in &servers {
+        s.expect_joins.store(true, Ordering::Relaxed);
+    }
+    let mut daemons: Vec<Daemon> = (1..=NODES)
+        .map(|k| {
+            let tag = format!("flt{k}");
+            Daemon::start(
+                tb.node(k),
+                &tag,
+                &Testbed::node_config(&tag, k, &service(true)),
+            )
+        })
+        .collect();
+    // The backends' side, from the same file (node 1's copy).
+    let file = daemons[0].config.to_str().expect("path").to_string();
+    for (i, be) in tb.backends.iter().enumerate() {
+        let i = i + 1;
+        let out = cli_in(be, &["join-ports", "apply", "--config", &file]);
+        let said = text(&out);
+        assert!(out.status.success(), "backend {i}: {said}");
+        let port = JOIN_PORT_BASE + i as u16;
+        assert!(said.contains(&format!("announced {VIP4}:{port}")), "{said}");
+        assert!(said.contains("C bit set"), "{said}");
+        // Idempotent, and `status` agrees.
+        let again = cli_in(be, &["join-ports", "apply", "--config", &file]);
+        assert!(
+            text(&again).contains("nothing to change"),
+            "{}",
+            text(&again)
+        );
+        let status = cli_in(be, &["join-ports", "status", "--config", &file]);
+        assert!(status.status.success(), "{}", text(&status));
+        println!("backend {i}: {}", text(&status).trim().replace('\n', "; "));
+    }
+    tb.client.run(&[
+        "ip",
+        "mptcp",
+        "endpoint",
+        "add",
+        SECOND_PATH,
+        "dev",
+        "cell0",
+        "subflow",
+        "fullmesh",
+    ]);
+
+    // 200 connections, half on each VIP; every join leaves from the second path to
+    // the IPv4 join port (the IPv6 announcement does not fit beside timestamps).
+    let errors = run_clients(&tb.client, 200, 10, true, alternate);
+    let counts = join_counts(&tb, &servers);
+    let per_node: Vec<u64> = daemons.iter().map(forwarded).collect();
+    let routed: Vec<u64> = daemons
+        .iter()
+        .map(|d| counter(d, "join_port_routed"))
+        .collect();
+    println!("per backend (connections, joins, joins on a join port, no token): {counts:?}");
+    println!(
+        "packets forwarded per node: {per_node:?}; join SYNs steered by port per node: {routed:?}"
+    );
+    assert!(
+        errors.is_empty(),
+        "{} failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    for (i, (owned, joins, port_joins, no_token)) in counts.iter().enumerate() {
+        assert_eq!(*no_token, 0, "backend {} got joins it does not know", i + 1);
+        assert_eq!(joins, owned, "backend {}: one join per connection", i + 1);
+        assert_eq!(
+            port_joins,
+            owned,
+            "backend {}: every join on its join port",
+            i + 1
+        );
+    }
+    let mut shapes = 0;
+    for (i, s) in servers.iter().enumerate() {
+        for r in records(s) {
+            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
+            assert_eq!(
+                r.subflow_peers[1],
+                SECOND_PATH.parse::<IpAddr>().expect("ip"),
+                "the join came from the second path: {r:?}"
+            );
+            shapes += 1;
+        }
+    }
+    assert_eq!(shapes, 200);
+    let total: u64 = per_node.iter().sum();
+    for (k, n) in per_node.iter().enumerate() {
+        assert!(
+            *n * 10 >= total,
+            "node {} carried {n} of {total} packets: under 10%, the fleet proves nothing",
+            k + 1
+        );
+    }
+    assert!(routed.iter().sum::<u64>() >= 200);
+    assert!(
+        routed.iter().all(|r| *r > 0),
+        "joins reached every node: {routed:?}"
+    );
+
+    node_leaves_under_traffic(&tb, &servers, &daemons);
+    negative_control(&tb, &servers, &mut daemons, &file);
+}
+
+/// Node 2 leaves while 60 connections are established: the router's route loses it (as
+/// a BGP withdrawal or a dead link would do) and its flows move to the other nodes,
+/// which have never seen them. Maglev on the same configuration picks the same backend
+/// there, and joins go by port: every connection completes with both subflows.
+fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon]) {
+    let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let misses_before: u64 = daemons
+        .iter()
+        .map(|d| counter(d, "conn_miss_non_syn"))
+        .sum();
+    let errors = across(&tb.client, 60, true, alternate, || {
+        let (a4, a6) = (node_addrs(1), node_addrs(3));
+        tb.router.run(&[
+            "ip",
+            "route",
+            "replace",
+            &format!("{VIP4}/32"),
+            "nexthop",
+            "via",
+            &a4.0.to_string(),
+            "nexthop",
+            "via",
+            &a6.0.to_string(),
+        ]);
+        tb.router.run(&[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            &format!("{VIP6}/128"),
+            "nexthop",
+            "via",
+            &a4.1.to_string(),
+            "nexthop",
+            "via",
+            &a6.1.to_string(),
+        ]);
+        tb.router.run(&["ip", "link", "set", "rtl2", "down"]);
+    });
+    let moved: u64 = daemons
+        .iter()
+        .map(|d| counter(d, "conn_miss_non_syn"))
+        .sum::<u64>()
+        - misses_before;
+    println!(
+        "node 2 left under 60 connections: {} failed, {moved} packets of flows new to their node",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "connections broken by a node's loss: {errors:?}"
+    );
+    assert!(
+        moved > 0,
+        "no flow moved to another node: the test proves nothing"
+    );
+    for (i, s) in servers.iter().enumerate() {
+        for r in &records(s)[before[i]..] {
+            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
+        }
+    }
+    // Node 2 back, for what follows.
+    tb.router.run(&["ip", "link", "set", "rtl2", "up"]);
+    for (vip, v6) in [(format!("{VIP4}/32"), false), (format!("{VIP6}/128"), true)] {
+        let mut args: Vec<String> = vec![
+            "ip".into(),
+            if v6 { "-6" } else { "-4" }.into(),
+            "route".into(),
+            "replace".into(),
+            vip,
+        ];
+        for k in 1..=NODES {
+            let (a4, a6) = node_addrs(k);
+            args.push("nexthop".into());
+            args.push("via".into());
+            args.push(if v6 { a6.to_string() } else { a4.to_string() });
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // The link's routes come back with its carrier.
+        wait_until(Duration::from_secs(5), "node 2's route back", || {
+            tb.router.try_run(&args).status.success().then_some(())
+        });
+    }
+}
+
+/// The same fleet with token steering (the backends' join ports withdrawn, the C bit
+/// cleared): each join lands on a node by its own 5-tuple, and the two nodes that did not
+/// see its handshake do not know its token. Joins are lost.
+fn negative_control(tb: &Testbed, servers: &[Server], daemons: &mut [Daemon], file: &str) {
+    for (k, d) in daemons.iter_mut().enumerate() {
+        let tag = format!("flt{}", k + 1);
+        d.write_config(&Testbed::node_config(&tag, k + 1, &service(false)));
+        let out = d.cli(&["reload"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Undone from the new file, which lists no join port: what was announced on its
+    // VIP addresses is withdrawn all the same.
+    for be in &tb.backends {
+        let out = cli_in(be, &["join-ports", "undo", "--config", file]);
+        let said = text(&out);
+        assert!(out.status.success(), "{said}");
+        assert!(
+            said.contains("C bit cleared") && said.contains("withdrew"),
+            "{said}"
+        );
+        assert!(
+            be.run(&["ip", "mptcp", "endpoint", "show"])
+                .trim()
+                .is_empty()
+        );
+    }
+    for s in servers {
+        s.join_wait_ms.store(2000, Ordering::Relaxed);
+    }
+    let before = join_counts(tb, servers);
+    let recs_before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let v4 = |_: usize| IpAddr::V4(VIP4);
+    let errors = run_clients(&tb.client, 60, 10, true, v4);
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut joined = 0;
+    for (i, s) in servers.iter().enumerate() {
+        joined += records(s)[recs_before[i]..]
+            .iter()
+            .filter(|r| r.subflow_families.len() == 2)
+            .count();
+    }
+    let after = join_counts(tb, servers);
+    let dropped: u64 = daemons
+        .iter()
+        .map(|d| counter(d, "join_unknown_dropped"))
+        .sum();
+    println!(
+        "negative control, token steering through {NODES} nodes: {joined} of 60 connections kept their join; {dropped} join SYNs dropped as unknown; backends before {before:?} after {after:?}"
+    );
+    assert!(
+        joined < 50,
+        "without port steering most joins should land on a node that does not know them"
+    );
+    assert!(dropped > 0);
+}
