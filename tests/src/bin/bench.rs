@@ -234,6 +234,33 @@ fn main() {
             .insert(known, entry, 0)
             .expect("seed a known token");
 
+        // A service steering its joins by port: the Maglev service's backends behind VIP
+        // 10.100.0.9, with join ports 20005-20007. Its v1 handshakes learn nothing.
+        dp.set_vip(
+            v4(vip4(9)),
+            80,
+            6,
+            lb_common::maps::VipInfo {
+                service: 5,
+                flags: lb_common::maps::VIP_STEERS_BY_PORT,
+            },
+        )
+        .expect("steered VIP");
+        for id in 5..=7u32 {
+            dp.set_vip(
+                v4(vip4(9)),
+                20000 + id as u16,
+                6,
+                lb_common::maps::VipInfo::join_port(5, id),
+            )
+            .expect("join port");
+        }
+        let steered = |flags, opts: &[u8]| tcp4(CLIENT4, vip4(9), 41002, 80, flags, opts, &[]);
+        assert_eq!(
+            run_once(dp.program(), &steered(SYN, &MP_CAPABLE_SYN_V1), ifindex).0,
+            XDP_TX
+        );
+
         // A SYN as Linux sends it: MSS, SACK permitted, timestamps, NOP, window scale.
         let mut linux_syn_opts = vec![
             2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
@@ -380,6 +407,35 @@ fn main() {
                     &[],
                 ),
                 XDP_DROP,
+                IPV4_SRC,
+                None,
+            ),
+            class(
+                "MP_CAPABLE SYN, service steering by port",
+                tcp4(CLIENT4, vip4(9), 40000, 80, SYN, &linux_syn_opts, &[]),
+                XDP_TX,
+                IPV4_SRC,
+                None,
+            ),
+            class(
+                "ACK with keys, steering by port (no learning)",
+                steered(ACK, &mp_capable_keys(1, 20, 0x1111, 0x7a9c_0000_0000_0000)),
+                XDP_TX,
+                0,
+                None,
+            ),
+            class(
+                "MP_JOIN SYN (Linux options) to a join port",
+                tcp4(
+                    OTHER4,
+                    vip4(9),
+                    40000,
+                    20006,
+                    SYN,
+                    &linux_join(0xdead_beef),
+                    &[],
+                ),
+                XDP_TX,
                 IPV4_SRC,
                 None,
             ),
@@ -569,6 +625,28 @@ fn main() {
             ack + sha + insert
         );
     }
+    // What one connection costs the balancer in its first packets, by kind.
+    let sum = |parts: &[&str]| -> Option<f64> { parts.iter().map(|p| net(p)).sum() };
+    if let (Some(plain), Some(token), Some(port)) = (
+        sum(&["TCP SYN, new flow", "established ACK (table hit)"]),
+        sum(&[
+            "MP_CAPABLE SYN (Linux options), new flow",
+            "ACK that learns a token",
+            "MP_JOIN SYN (Linux options), known token",
+        ]),
+        sum(&[
+            "MP_CAPABLE SYN, service steering by port",
+            "ACK with keys, steering by port",
+            "MP_JOIN SYN (Linux options) to a join port",
+        ]),
+    ) {
+        println!(
+            "per connection (net): plain TCP (SYN + ACK) {plain:.0}ns; MPTCP by token (SYN + learning \
+             ACK + join) {token:.0}ns = {:.2}x; MPTCP by port (SYN + ACK + join) {port:.0}ns = {:.2}x",
+            token / plain,
+            port / plain
+        );
+    }
     println!();
     for line in [
         "median, min: per-iteration time over the calls. floor: the wrapper alone with that class's",
@@ -578,6 +656,8 @@ fn main() {
         "over the SYN-flood limit: max_conn_rate reached, so the SYN is forwarded but not recorded.",
         "established ACK, MPTCP: a subflow whose token is learned; it looks the token up (to keep it",
         "alive) at most once per 64 kernel ticks: within a call, at most its first iteration does.",
+        "steering by port: a service whose backends set the C bit and announce join ports; its v1",
+        "handshake ACK hits the table and learns nothing; a join SYN to a join port records nothing.",
         "its part ... alone: the wrapper, then only SHA-256 of a new key (or only the insert of a new",
         "token into the 1M-entry token table, as learning does it), then XDP_PASS.",
         "Katran: median ns from ../shared/PLATFORM.md, measured when the bare XDP_PASS floor was",
