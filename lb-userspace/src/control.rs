@@ -45,6 +45,9 @@ pub struct Status {
     /// `native` or `generic`, or `unchanged` when the program was swapped into an
     /// existing attachment.
     pub xdp_mode: String,
+    /// Why that mode (what `xdp_mode` asked for, and what the host allowed).
+    #[serde(default)]
+    pub xdp_mode_reason: String,
     pub program_id: u32,
     pub pin_path: String,
     pub started_unix: u64,

@@ -48,6 +48,7 @@ struct Shared {
     started_unix: u64,
     started: Instant,
     xdp_mode: String,
+    xdp_mode_reason: String,
     program_id: u32,
     /// Running health checks: backend id → (what it checks, its task).
     checks: Mutex<HashMap<u32, RunningCheck>>,
@@ -133,10 +134,10 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     // Configure before attaching, so a fresh attach forwards from its first packet; an
     // adopted dataplane keeps forwarding with its old program meanwhile.
     let mut ctl = Controller::start(dp, config.clone(), config_path)?;
-    let mode = match b.xdp_mode {
-        XdpModeConfig::Auto => None,
-        XdpModeConfig::Native => Some(XdpMode::Driver),
-        XdpModeConfig::Generic => Some(XdpMode::Skb),
+    let (mode, mut mode_reason) = match b.xdp_mode {
+        XdpModeConfig::Auto => crate::host::auto_xdp_mode(&b.interface),
+        XdpModeConfig::Native => (Some(XdpMode::Driver), "configured: native".to_string()),
+        XdpModeConfig::Generic => (Some(XdpMode::Skb), "configured: generic".to_string()),
     };
     if b.source_v4.is_some() && crate::host::accept_own_source(&b.interface)? {
         tracing::info!(
@@ -150,10 +151,19 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         Some(_) => "generic".to_string(),
         None => "unchanged".to_string(),
     };
+    match (mode, attached) {
+        (None, Some(XdpMode::Skb)) => {
+            mode_reason = "auto: the driver refused native XDP, so generic".into()
+        }
+        (_, None) => {
+            mode_reason = "the running attachment was kept (its program replaced through the pinned link); `detach` and restart to change the mode".into()
+        }
+        _ => {}
+    }
     let program_id = ctl.dp.program().info().map(|i| i.id()).unwrap_or(0);
     match attached {
         Some(_) => {
-            tracing::info!(interface = %b.interface, mode = %xdp_mode, program_id, "attached")
+            tracing::info!(interface = %b.interface, mode = %xdp_mode, reason = %mode_reason, program_id, "attached")
         }
         None => {
             tracing::info!(interface = %b.interface, program_id, "program replaced through the pinned link, no forwarding gap")
@@ -164,6 +174,7 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         started_unix: unix_ns() / 1_000_000_000,
         started: Instant::now(),
         xdp_mode,
+        xdp_mode_reason: mode_reason,
         program_id,
         checks: Mutex::new(HashMap::new()),
     });
@@ -443,6 +454,7 @@ async fn status(shared: &Arc<Shared>) -> Status {
         pid: std::process::id(),
         interface: cfg.balancer.interface.clone(),
         xdp_mode: shared.xdp_mode.clone(),
+        xdp_mode_reason: shared.xdp_mode_reason.clone(),
         program_id: shared.program_id,
         pin_path: cfg.balancer.pin_path.display().to_string(),
         started_unix: shared.started_unix,

@@ -29,3 +29,74 @@ pub fn accept_own_source(interface: &str) -> anyhow::Result<bool> {
     std::fs::write(&path, "1").with_context(|| format!("writing 1 to {}", path.display()))?;
     Ok(true)
 }
+
+/// The kernel driver of `interface` (`veth`, `mlx5_core`, ...), from the ethtool
+/// interface (ETHTOOL_GDRVINFO); None when the interface has none or does not exist.
+pub fn driver(interface: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    if interface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: zeroed plain-data structs; the ioctl writes at most a DrvInfo into `info`
+    // through ifr_data, and the socket is closed below.
+    unsafe {
+        let mut info: DrvInfo = std::mem::zeroed();
+        info.cmd = ETHTOOL_GDRVINFO;
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(interface.bytes()) {
+            *d = s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut ifr);
+        libc::close(fd);
+        if rc != 0 {
+            return None;
+        }
+        let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+        Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    }
+}
+
+/// The XDP mode `xdp_mode = "auto"` asks for on `interface` (None: native, falling back
+/// to generic where the driver refuses), and why.
+pub fn auto_xdp_mode(interface: &str) -> (Option<aya::programs::XdpMode>, String) {
+    match driver(interface).as_deref() {
+        Some("veth") => (
+            Some(aya::programs::XdpMode::Skb),
+            "auto: generic, because native XDP on veth loses the frames it sends back out (XDP_TX) or redirects unless the peer runs an XDP program".into(),
+        ),
+        Some(d) => (None, format!("auto: native on driver {d}, generic if it refuses")),
+        None => (None, "auto: native, generic if the driver refuses".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_has_no_driver_and_unknown_interfaces_none() {
+        // lo answers ETHTOOL_GDRVINFO with an empty driver or an error; neither is veth.
+        assert_ne!(super::driver("lo").as_deref(), Some("veth"));
+        assert_eq!(super::driver("no-such-if0"), None);
+        assert_eq!(super::driver("a-name-longer-than-ifnamsiz"), None);
+    }
+}

@@ -434,11 +434,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn status_text(s: &Status) -> String {
     use lb_userspace::inspect::{human_age, table};
     let mut out = format!(
-        "daemon      pid {}, up {}\ninterface   {} (XDP {}), program id {}\npins        {}\nconfig      {}, last applied {} ago ({} reloads, {} refused)\nmptcp       {}\n",
+        "daemon      pid {}, up {}\ninterface   {} (XDP {}: {}), program id {}\npins        {}\nconfig      {}, last applied {} ago ({} reloads, {} refused)\nmptcp       {}\n",
         s.pid,
         human_age(s.uptime_secs),
         s.interface,
         s.xdp_mode,
+        s.xdp_mode_reason,
         s.program_id,
         s.pin_path,
         s.config_file,

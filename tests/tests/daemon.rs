@@ -476,6 +476,46 @@ fn metrics_connection_flood_takes_no_backend_down() {
     );
 }
 
+/// `xdp_mode = "auto"` on a veth (a one-armed balancer, as in every namespace set-up):
+/// native XDP attaches there but loses what it sends back out, so auto picks generic,
+/// says why in `status`, and VIP traffic flows.
+#[test]
+fn auto_xdp_mode_on_veth_forwards_and_says_why() {
+    if !privileged("auto_xdp_mode_on_veth_forwards_and_says_why") {
+        return;
+    }
+    let tb = Testbed::new("mlb-aut", 1);
+    let _server = serve(&tb.backends[0]);
+    let tag = "aut";
+    let config = Testbed::daemon_config(tag, &Testbed::service_toml("web", &[1], ""))
+        .replace("xdp_mode = \"generic\"", "xdp_mode = \"auto\"");
+    assert!(config.contains("xdp_mode = \"auto\""));
+    let d = Daemon::start(&tb.lb, tag, &config);
+    let status = d.status();
+    println!(
+        "xdp_mode {}: {}",
+        status["xdp_mode"], status["xdp_mode_reason"]
+    );
+    assert_eq!(status["xdp_mode"], "generic");
+    assert!(
+        status["xdp_mode_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("veth"),
+        "{status}"
+    );
+    let errors = run_clients(&tb.client, 20, 5, true, alternate);
+    assert!(
+        errors.is_empty(),
+        "VIP traffic with xdp_mode = auto: {errors:?}"
+    );
+    let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("(XDP generic: auto: generic, because native XDP on veth"),
+        "{text}"
+    );
+}
+
 /// User plus system CPU seconds of process `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
