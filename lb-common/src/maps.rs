@@ -81,6 +81,9 @@ pub const CONFIG_JOIN_UNKNOWN_HASH: u32 = 1;
 /// `Config::flags`: MPTCP awareness off: no token learning, joins are placed by their
 /// 5-tuple like any SYN (what a classic L4 balancer does; for comparison and tests).
 pub const CONFIG_NO_MPTCP: u32 = 2;
+/// Not read by the dataplane: the operator drained this node (`mptcp-lb node drain`),
+/// so its VIPs are not announced; kept here so that a restarted daemon keeps it.
+pub const CONFIG_NODE_DRAINED: u32 = 4;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;

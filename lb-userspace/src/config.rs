@@ -226,6 +226,9 @@ pub struct BalancerConfig {
     /// `status` and `backend ...`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// A fleet behind ECMP: the kernel routing table the daemon keeps its VIP routes in,
+    /// for the node's BGP speaker to announce (see `announce`). None: no announcements.
+    pub announce_route_table: Option<u32>,
     /// MPTCP awareness (token learning, joins steered by token). Off, joins are placed
     /// by their 5-tuple like any SYN, as a classic L4 balancer does: for comparison.
     #[serde(default = "default_true")]
@@ -405,6 +408,16 @@ impl Config {
             return Err(bad(
                 "balancer.source_vary_bits".into(),
                 format!("{} is more than 16", b.source_vary_bits),
+            ));
+        }
+        if let Some(t) = b.announce_route_table
+            && (t == 0 || t >= 253)
+        {
+            return Err(bad(
+                "balancer.announce_route_table".into(),
+                format!(
+                    "{t} is not a table of its own (1 to 252; 253-255 are the kernel's default, main and local)"
+                ),
             ));
         }
         if b.token_idle_secs == 0 {

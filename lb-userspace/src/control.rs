@@ -26,6 +26,10 @@ pub enum Request {
         service: String,
         address: IpAddr,
     },
+    /// Drain (`drained: true`) or undrain this node: withdraw or announce its VIPs.
+    Node {
+        drained: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,6 +62,15 @@ pub struct Status {
     pub last_reload_unix: u64,
     pub last_reload_error: Option<String>,
     pub mptcp_aware: bool,
+    /// `balancer.announce_route_table`, when the node announces its VIPs.
+    #[serde(default)]
+    pub announce_route_table: Option<u32>,
+    /// VIP addresses announced now (routes in that table).
+    #[serde(default)]
+    pub announced: Vec<IpAddr>,
+    /// The operator drained this node (`mptcp-lb node drain`).
+    #[serde(default)]
+    pub node_drained: bool,
     pub services: Vec<ServiceStatus>,
 }
 

@@ -86,6 +86,8 @@ pub struct Controller {
     pub reload_failures: u64,
     pub last_reload_unix: u64,
     pub last_reload_error: Option<String>,
+    /// The operator drained this node: its VIPs are withdrawn from the routers.
+    node_drained: bool,
 }
 
 pub fn unix_ns() -> u64 {
@@ -162,6 +164,7 @@ impl Controller {
             reload_failures: 0,
             last_reload_unix: unix_ns() / 1_000_000_000,
             last_reload_error: None,
+            node_drained: false,
         };
         c.read_back().context("reading the pinned metadata")?;
         c.apply(&config)?;
@@ -170,6 +173,7 @@ impl Controller {
 
     /// What the maps say a previous daemon configured.
     fn read_back(&mut self) -> anyhow::Result<()> {
+        self.node_drained = self.dp.maps.config.get(&0, 0)?.flags & CONFIG_NODE_DRAINED != 0;
         for id in 0..MAX_SERVICES {
             let m = self.dp.maps.service_meta.get(&id, 0)?;
             if m.in_use != 0 {
@@ -262,7 +266,7 @@ impl Controller {
         // All or nothing: what cannot fit is refused before anything is written.
         self.check_capacity(new)?;
         let mut summary = ApplySummary::default();
-        self.dp.set_config(dataplane_config(new))?;
+        self.write_config(new)?;
 
         // Service ids: kept by name; new names take the lowest free id.
         let wanted: HashSet<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
@@ -683,6 +687,60 @@ impl Controller {
         let state = state_name(self.backends[&id].state);
         tracing::info!(service, backend = %address, ?op, state, "backend changed by an operator");
         Ok(state.to_string())
+    }
+
+    /// The dataplane's settings from `file`, with the node's drain kept.
+    fn write_config(&mut self, file: &FileConfig) -> anyhow::Result<()> {
+        let mut cfg = dataplane_config(file);
+        if self.node_drained {
+            cfg.flags |= CONFIG_NODE_DRAINED;
+        }
+        self.dp.set_config(cfg)
+    }
+
+    /// `mptcp-lb node drain|undrain`: withdraw this node's VIPs from the routers (its
+    /// dataplane keeps forwarding what still arrives), or announce them again.
+    pub fn set_node_drained(&mut self, drained: bool) -> anyhow::Result<()> {
+        let was = self.node_drained;
+        self.node_drained = drained;
+        let file = self.config.clone();
+        if let Err(e) = self.write_config(&file) {
+            self.node_drained = was;
+            return Err(e);
+        }
+        tracing::info!(drained, "node drain changed by an operator");
+        Ok(())
+    }
+
+    pub fn node_drained(&self) -> bool {
+        self.node_drained
+    }
+
+    /// The VIP addresses this node should announce: those of services with a backend
+    /// that takes new connections, unless the node is drained.
+    pub fn announceable(&self) -> std::collections::BTreeSet<IpAddr> {
+        let mut out = std::collections::BTreeSet::new();
+        if self.node_drained {
+            return out;
+        }
+        for s in &self.config.services {
+            let Some(sid) = self.services.get(&s.name) else {
+                continue;
+            };
+            let usable = self
+                .backends
+                .values()
+                .any(|b| b.service_id == *sid && b.state & OUT_OF_RING == 0);
+            if usable {
+                out.extend(
+                    s.vips
+                        .iter()
+                        .filter_map(|v| config::parse_vip(v).ok())
+                        .map(|v| v.addr),
+                );
+            }
+        }
+        out
     }
 
     pub fn backends(&self) -> impl Iterator<Item = &BackendState> {

@@ -52,6 +52,10 @@ struct Shared {
     program_id: u32,
     /// Running health checks: backend id → (what it checks, its task).
     checks: Mutex<HashMap<u32, RunningCheck>>,
+    /// Wakes the announcer after a change that may change what to announce.
+    announce: tokio::sync::Notify,
+    /// VIP addresses announced now.
+    announced: std::sync::Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
 }
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -177,9 +181,14 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         xdp_mode_reason: mode_reason,
         program_id,
         checks: Mutex::new(HashMap::new()),
+        announce: tokio::sync::Notify::new(),
+        announced: std::sync::Mutex::new(Default::default()),
     });
     sync_checks(&shared).await;
 
+    if let Some(table) = config.balancer.announce_route_table {
+        tokio::spawn(announce_loop(shared.clone(), table));
+    }
     let control = bind_control(&config.balancer.control_socket)?;
     tokio::spawn(control_loop(shared.clone(), control));
     if let Some(addr) = config.balancer.metrics_listen {
@@ -323,6 +332,7 @@ async fn check_loop(shared: Arc<Shared>, id: u32, check: HealthCheck, addr: Sock
             if let Err(e) = ctl.set_health(id, now_up) {
                 tracing::error!(%addr, error = %format!("{e:#}"), "applying a health change");
             }
+            shared.announce.notify_one();
         }
     }
 }
@@ -395,6 +405,15 @@ fn refused(e: String) -> Response {
 }
 
 async fn answer(shared: &Arc<Shared>, req: Request) -> Response {
+    let changes = !matches!(req, Request::Status);
+    let resp = answer_inner(shared, req).await;
+    if changes {
+        shared.announce.notify_one();
+    }
+    resp
+}
+
+async fn answer_inner(shared: &Arc<Shared>, req: Request) -> Response {
     match req {
         Request::Status => {
             let status = status(shared).await;
@@ -414,6 +433,47 @@ async fn answer(shared: &Arc<Shared>, req: Request) -> Response {
                 Ok(state) => ok(serde_json::Value::String(state)),
                 Err(e) => refused(format!("{e:#}")),
             }
+        }
+        Request::Node { drained } => {
+            let r = shared.ctl.lock().await.set_node_drained(drained);
+            match r {
+                Ok(()) => ok(serde_json::Value::Bool(drained)),
+                Err(e) => refused(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+/// Keeps the announcement table equal to what the controller says should be announced:
+/// at once after a change (health, reload, operator), and every 10 s in case someone
+/// else touched the table.
+async fn announce_loop(shared: Arc<Shared>, table: u32) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shared.announce.notified() => {}
+            _ = tick.tick() => {}
+        }
+        let wanted = shared.ctl.lock().await.announceable();
+        let w = wanted.clone();
+        match tokio::task::spawn_blocking(move || crate::announce::sync(table, &w)).await {
+            Ok(Ok((added, removed))) => {
+                for a in added {
+                    tracing::info!(vip = %a, table, "announcing");
+                }
+                for a in removed {
+                    tracing::warn!(vip = %a, table, "withdrawn");
+                }
+                *shared.announced.lock().expect("announced") = wanted;
+                failing = false;
+            }
+            Ok(Err(e)) if !failing => {
+                tracing::error!(error = %format!("{e:#}"), table, "announcing the VIPs");
+                failing = true;
+            }
+            _ => {}
         }
     }
 }
@@ -465,6 +525,15 @@ async fn status(shared: &Arc<Shared>) -> Status {
         last_reload_unix: ctl.last_reload_unix,
         last_reload_error: ctl.last_reload_error.clone(),
         mptcp_aware: cfg.balancer.mptcp_aware,
+        announce_route_table: cfg.balancer.announce_route_table,
+        announced: shared
+            .announced
+            .lock()
+            .expect("announced")
+            .iter()
+            .copied()
+            .collect(),
+        node_drained: ctl.node_drained(),
         services,
     }
 }

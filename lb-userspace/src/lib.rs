@@ -1,5 +1,6 @@
 //! The host side of mptcp-lb: loading the dataplane, the controller daemon and the CLI. `tests/` links this library to exercise the same code.
 
+pub mod announce;
 pub mod config;
 pub mod control;
 pub mod controller;

@@ -58,6 +58,15 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// This node of a fleet: `drain` withdraws its VIPs from the routers (BGP, through
+    /// `balancer.announce_route_table`) while its dataplane keeps forwarding what still
+    /// arrives; `undrain` announces them again. Kept across restarts.
+    Node {
+        #[arg(value_enum)]
+        action: NodeAction,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Look into the pinned maps (works while the daemon is down).
     Inspect {
         #[command(subcommand)]
@@ -110,6 +119,12 @@ enum Command {
         #[arg(long)]
         no_timestamps: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NodeAction {
+    Drain,
+    Undrain,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -298,6 +313,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state.as_str().unwrap_or_default()
             );
         }
+        Command::Node { action, socket } => {
+            let drained = matches!(action, NodeAction::Drain);
+            control::request(&socket.path, &Request::Node { drained })?;
+            println!(
+                "node {}",
+                if drained {
+                    "drained: its VIPs are withdrawn (established flows that still arrive are forwarded)"
+                } else {
+                    "undrained: its VIPs are announced where their services have a usable backend"
+                }
+            );
+        }
         Command::Inspect {
             what,
             pin_path,
@@ -370,6 +397,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("detached: pins under {} removed", pin_path.display());
+            // What this namespace announced goes with the dataplane.
+            match lb_userspace::announce::withdraw_all() {
+                Ok(0) => {}
+                Ok(n) => println!("withdrew {n} VIP announcements"),
+                Err(e) => eprintln!("withdrawing the VIP announcements: {e:#}"),
+            }
         }
         Command::Decap {
             action: DecapAction::Attach { iface, mode },
@@ -457,6 +490,20 @@ fn status_text(s: &Status) -> String {
     );
     if let Some(e) = &s.last_reload_error {
         out.push_str(&format!("last reload refused: {e}\n"));
+    }
+    if let Some(t) = s.announce_route_table {
+        let vips: Vec<String> = s.announced.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "announce    table {t}{}: {}\n",
+            if s.node_drained { ", node DRAINED" } else { "" },
+            if vips.is_empty() {
+                "nothing".to_string()
+            } else {
+                vips.join(", ")
+            }
+        ));
+    } else if s.node_drained {
+        out.push_str("announce    node drained (no announce_route_table configured)\n");
     }
     out.push('\n');
     let rows: Vec<Vec<String>> = s

@@ -224,7 +224,7 @@ impl Daemon {
             .arg(binary())
             .args(args);
         match args.first() {
-            Some(&("status" | "reload" | "backend")) => {
+            Some(&("status" | "reload" | "backend" | "node")) => {
                 cmd.arg("--socket").arg(&self.socket);
             }
             Some(&"inspect") => {

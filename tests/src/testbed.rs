@@ -31,6 +31,9 @@ pub const PORT: u16 = 80;
 pub const HEALTH_PORT: u16 = 81;
 pub const UPLOAD: usize = 20_000;
 pub const DOWNLOAD: usize = 100_000;
+/// The kernel routing table a fleet node's daemon announces its VIPs in
+/// (`balancer.announce_route_table`), which the node's BIRD exports.
+pub const ANNOUNCE_TABLE: u32 = 200;
 pub const LB4: &str = "10.0.2.2";
 pub const LB6: &str = "fd00:a2::2";
 const IPPROTO_MPTCP: i32 = 262;
@@ -61,6 +64,9 @@ pub struct Testbed {
     pub more_lbs: Vec<Netns>,
     pub backends: Vec<Netns>,
     bpffs: String,
+    /// A fleet's BGP speakers (BIRD): the router's, then each node's.
+    bgp: Mutex<Vec<Option<std::process::Child>>>,
+    bgp_dir: String,
 }
 
 impl Testbed {
@@ -188,24 +194,13 @@ impl Testbed {
             node.offloads_off("lb0");
             router.offloads_off(&rt_if);
         }
-        // The VIPs' routes: one next hop per node (ECMP when there are several).
-        for (vip, v6) in [(format!("{VIP4}/32"), false), (format!("{VIP6}/128"), true)] {
-            let mut args: Vec<String> = ["ip", if v6 { "-6" } else { "-4" }, "route", "add", &vip]
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            for k in 1..=n_nodes {
-                let (a4, a6) = node_addrs(k);
-                let via = if v6 { a6.to_string() } else { a4.to_string() };
-                if n_nodes > 1 {
-                    args.push("nexthop".into());
-                }
-                args.extend(["via".to_string(), via]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            router.run(&args);
+        // One node: static routes to the VIPs. A fleet: BGP (below), no static route.
+        if n_nodes == 1 {
+            router.route(&[&format!("{VIP4}/32"), "via", LB4]);
+            router.route(&[&format!("{VIP6}/128"), "via", LB6]);
         }
 
+        let bgp_dir = format!("/tmp/mptcp-lb-bgp-{prefix}");
         let mut tb = Testbed {
             client,
             router,
@@ -213,7 +208,12 @@ impl Testbed {
             more_lbs,
             backends: Vec::new(),
             bpffs,
+            bgp: Mutex::new(Vec::new()),
+            bgp_dir,
         };
+        if n_nodes > 1 {
+            tb.start_bgp();
+        }
         for i in 1..=n_backends {
             tb.add_backend(i);
         }
@@ -228,6 +228,100 @@ impl Testbed {
             });
         }
         tb
+    }
+
+    /// BGP, as fleets run it: BIRD on the router (AS 65000) with one session per node and
+    /// family, installing ECMP routes (`merge paths`); BIRD on each node (AS 65001)
+    /// announcing what the node's daemon puts in routing table [`ANNOUNCE_TABLE`].
+    fn start_bgp(&self) {
+        let _ = std::fs::remove_dir_all(&self.bgp_dir);
+        std::fs::create_dir_all(&self.bgp_dir).expect("bgp dir");
+        let timers = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1; error wait time 1, 2;";
+        let mut router = format!(
+            "router id 10.0.2.1;\nlog \"{d}/router.log\" all;\nprotocol device {{ scan time 10; }}\n\
+             protocol kernel {{ merge paths on; ipv4 {{ import none; export all; }}; }}\n\
+             protocol kernel {{ merge paths on; ipv6 {{ import none; export all; }}; }}\n",
+            d = self.bgp_dir
+        );
+        for k in 1..=self.nodes() {
+            let (a4, a6) = node_addrs(k);
+            router.push_str(&format!(
+                "protocol bgp node{k}v4 {{ local as 65000; neighbor {a4} as 65001; {timers} ipv4 {{ import all; export none; }}; }}\n\
+                 protocol bgp node{k}v6 {{ local as 65000; neighbor {a6} as 65001; {timers} ipv6 {{ import all; export none; }}; }}\n"
+            ));
+        }
+        let mut procs = self.bgp.lock().expect("bgp");
+        procs.push(Some(self.bird(&self.router, "router", &router)));
+        for k in 1..=self.nodes() {
+            procs.push(Some(self.start_node_bird(k)));
+        }
+    }
+
+    fn bird(&self, ns: &Netns, name: &str, conf: &str) -> std::process::Child {
+        let conf_path = format!("{}/{name}.conf", self.bgp_dir);
+        std::fs::write(&conf_path, conf).expect("bird config");
+        let sock = format!("{}/{name}.ctl", self.bgp_dir);
+        let pid = format!("{}/{name}.pid", self.bgp_dir);
+        ns.spawn(&["bird", "-f", "-c", &conf_path, "-s", &sock, "-P", &pid])
+    }
+
+    fn start_node_bird(&self, k: usize) -> std::process::Child {
+        let (a4, a6) = node_addrs(k);
+        let (g4, g6) = (
+            Ipv4Addr::from(u32::from(a4) - 1),
+            Ipv6Addr::from(u128::from(a6) - 1),
+        );
+        let timers = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1; error wait time 1, 2;";
+        let conf = format!(
+            "router id {a4};\nlog \"{d}/node{k}.log\" all;\nprotocol device {{ scan time 10; }}\n\
+             protocol kernel {{ kernel table {ANNOUNCE_TABLE}; learn; scan time 1; ipv4 {{ import all; export none; }}; }}\n\
+             protocol kernel {{ kernel table {ANNOUNCE_TABLE}; learn; scan time 1; ipv6 {{ import all; export none; }}; }}\n\
+             protocol bgp up4 {{ local as 65001; neighbor {g4} as 65000; {timers} ipv4 {{ import none; export all; }}; }}\n\
+             protocol bgp up6 {{ local as 65001; neighbor {g6} as 65000; {timers} ipv6 {{ import none; export all; }}; }}\n",
+            d = self.bgp_dir
+        );
+        self.bird(self.node(k), &format!("node{k}"), &conf)
+    }
+
+    /// Node `k`'s BGP speaker dies (kill -9), as with the node: the router's sessions to
+    /// it close and it withdraws the node's routes.
+    pub fn kill_node_bgp(&self, k: usize) {
+        let mut procs = self.bgp.lock().expect("bgp");
+        if let Some(mut c) = procs[k].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Node `k`'s BGP speaker starts again.
+    pub fn start_node_bgp(&self, k: usize) {
+        let child = self.start_node_bird(k);
+        self.bgp.lock().expect("bgp")[k] = Some(child);
+    }
+
+    /// The router's next hops for the IPv4 and the IPv6 VIP (0 when it has no route).
+    pub fn vip_next_hops(&self) -> (usize, usize) {
+        let count = |family: &str, vip: String| {
+            let out = self
+                .router
+                .run(&["ip", "-j", family, "route", "show", &vip]);
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+            rows.first()
+                .map_or(0, |r| r["nexthops"].as_array().map_or(1, Vec::len))
+        };
+        (
+            count("-4", format!("{VIP4}/32")),
+            count("-6", format!("{VIP6}/128")),
+        )
+    }
+
+    /// Waits until the router reaches both VIPs through `n` nodes.
+    pub fn wait_next_hops(&self, n: usize, within: Duration) {
+        wait_until(
+            within,
+            &format!("the router's VIP routes through {n} nodes"),
+            || (self.vip_next_hops() == (n, n)).then_some(()),
+        );
     }
 
     /// Balancer node `k` (1-based).
@@ -320,9 +414,11 @@ impl Testbed {
     /// control socket those of [`crate::daemon::Daemon::paths`]`(tag)`), then `services`.
     pub fn daemon_config(tag: &str, services: &str) -> String {
         Testbed::node_config(tag, 1, services)
+            .replace(&format!("announce_route_table = {ANNOUNCE_TABLE}\n"), "")
     }
 
-    /// The same for balancer node `k`: its own addresses as the tunnels' source.
+    /// The same for balancer node `k` of a fleet: its own addresses as the tunnels'
+    /// source, and its VIPs announced through [`ANNOUNCE_TABLE`].
     pub fn node_config(tag: &str, k: usize, services: &str) -> String {
         let (_, socket, pins) = crate::daemon::Daemon::paths(tag);
         let (a4, a6) = node_addrs(k);
@@ -337,6 +433,7 @@ conn_table_size = 65536
 token_table_size = 65536
 source_v4 = "{a4}"
 source_v6 = "{a6}"
+announce_route_table = {ANNOUNCE_TABLE}
 
 {services}"#,
             pins.display(),
@@ -411,6 +508,10 @@ source_v6 = "{a6}"
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        for c in self.bgp.lock().expect("bgp").iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         // Unpin the decapsulation links; the namespaces go with their Netns values.
         let _ = std::fs::remove_dir_all(&self.bpffs);
     }

@@ -18,11 +18,11 @@ use std::{
 
 use mptcp_lb_tests::{
     daemon::{Daemon, binary},
-    netns::{Netns, wait_until},
+    netns::Netns,
     privileged,
     testbed::{
         ConnRecord, PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4,
-        node_addrs, run_clients, serve,
+        run_clients, serve,
     },
 };
 
@@ -163,6 +163,14 @@ fn every_join_reaches_its_backend_through_any_node() {
         "subflow",
         "fullmesh",
     ]);
+    // Each daemon announces the VIPs; the router's BGP installs one ECMP route per VIP.
+    let t = std::time::Instant::now();
+    tb.wait_next_hops(NODES, Duration::from_secs(20));
+    println!(
+        "the router reaches the VIPs through {NODES} nodes {} ms after the backends were set up",
+        t.elapsed().as_millis()
+    );
+    announcements_follow_the_node(&tb, &daemons);
 
     // 200 connections, half on each VIP; every join leaves from the second path to
     // the IPv4 join port (the IPv6 announcement does not fit beside timestamps).
@@ -222,6 +230,30 @@ fn every_join_reaches_its_backend_through_any_node() {
 
     node_leaves_under_traffic(&tb, &servers, &daemons);
     negative_control(&tb, &servers, &mut daemons, &file);
+
+    // A node taken out for good: the daemon stops (its dataplane still forwards and its
+    // VIPs stay announced), then `detach` removes the dataplane and the announcements.
+    assert!(daemons[2].term(), "daemon 3 exits cleanly");
+    assert_eq!(
+        tb.vip_next_hops(),
+        (NODES, NODES),
+        "a stopped daemon's dataplane still serves"
+    );
+    let out = cli_in(
+        tb.node(3),
+        &[
+            "detach",
+            "--pin-path",
+            daemons[2].pin_path.to_str().expect("path"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("withdrew 2 VIP announcements"),
+        "{}",
+        text(&out)
+    );
+    tb.wait_next_hops(NODES - 1, Duration::from_secs(10));
 }
 
 /// Node 2 leaves while 60 connections are established: the router's route loses it (as
@@ -235,32 +267,10 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
         .map(|d| counter(d, "conn_miss_non_syn"))
         .sum();
     let errors = across(&tb.client, 60, true, alternate, || {
-        let (a4, a6) = (node_addrs(1), node_addrs(3));
-        tb.router.run(&[
-            "ip",
-            "route",
-            "replace",
-            &format!("{VIP4}/32"),
-            "nexthop",
-            "via",
-            &a4.0.to_string(),
-            "nexthop",
-            "via",
-            &a6.0.to_string(),
-        ]);
-        tb.router.run(&[
-            "ip",
-            "-6",
-            "route",
-            "replace",
-            &format!("{VIP6}/128"),
-            "nexthop",
-            "via",
-            &a4.1.to_string(),
-            "nexthop",
-            "via",
-            &a6.1.to_string(),
-        ]);
+        // Node 2 dies: its BGP speaker with it (the router withdraws its routes), and
+        // its link.
+        tb.kill_node_bgp(2);
+        tb.wait_next_hops(NODES - 1, Duration::from_secs(10));
         tb.router.run(&["ip", "link", "set", "rtl2", "down"]);
     });
     let moved: u64 = daemons
@@ -287,26 +297,47 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
     }
     // Node 2 back, for what follows.
     tb.router.run(&["ip", "link", "set", "rtl2", "up"]);
-    for (vip, v6) in [(format!("{VIP4}/32"), false), (format!("{VIP6}/128"), true)] {
-        let mut args: Vec<String> = vec![
-            "ip".into(),
-            if v6 { "-6" } else { "-4" }.into(),
-            "route".into(),
-            "replace".into(),
-            vip,
-        ];
-        for k in 1..=NODES {
-            let (a4, a6) = node_addrs(k);
-            args.push("nexthop".into());
-            args.push("via".into());
-            args.push(if v6 { a6.to_string() } else { a4.to_string() });
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        // The link's routes come back with its carrier.
-        wait_until(Duration::from_secs(5), "node 2's route back", || {
-            tb.router.try_run(&args).status.success().then_some(())
-        });
+    tb.start_node_bgp(2);
+    tb.wait_next_hops(NODES, Duration::from_secs(20));
+}
+
+/// What a node announces follows what it can serve: an operator's node drain withdraws
+/// its VIPs and undrain announces them again; a node whose service has no usable
+/// backend left (all disabled) withdraws it. Read on the router, as BGP installed it.
+fn announcements_follow_the_node(tb: &Testbed, daemons: &[Daemon]) {
+    let ok = |d: &Daemon, args: &[&str]| {
+        let out = d.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        text(&out)
+    };
+    assert!(ok(&daemons[0], &["node", "drain"]).contains("withdrawn"));
+    tb.wait_next_hops(NODES - 1, Duration::from_secs(10));
+    let status = ok(&daemons[0], &["status"]);
+    assert!(status.contains("node DRAINED: nothing"), "{status}");
+    ok(&daemons[0], &["node", "undrain"]);
+    tb.wait_next_hops(NODES, Duration::from_secs(10));
+    let status = ok(&daemons[0], &["status"]);
+    assert!(
+        status.contains(&format!("announce    table 200: {VIP4}, {VIP6}")),
+        "{status}"
+    );
+
+    let d3 = &daemons[2];
+    for i in 1..=BACKENDS {
+        ok(
+            d3,
+            &["backend", "disable", "web", &backend_addr4(i).to_string()],
+        );
     }
+    tb.wait_next_hops(NODES - 1, Duration::from_secs(10));
+    for i in 1..=BACKENDS {
+        ok(
+            d3,
+            &["backend", "enable", "web", &backend_addr4(i).to_string()],
+        );
+    }
+    tb.wait_next_hops(NODES, Duration::from_secs(10));
+    println!("node drain, undrain, and a node without a usable backend: the router followed each");
 }
 
 /// The same fleet with token steering (the backends' join ports withdrawn, the C bit

@@ -6,7 +6,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the namespace tests drive
-/// (ip, nstat: iproute2; ethtool; sysctl: procps; nsenter: util-linux).
+/// (ip, nstat: iproute2; ethtool; sysctl: procps; nsenter: util-linux; the fleet
+/// testbed's BGP speakers: bird2).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     "procps",
     "util-linux",
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
