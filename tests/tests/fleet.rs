@@ -95,6 +95,51 @@ fn counter(d: &Daemon, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Service `web`'s Maglev table on node `d`, slot by slot, as backend addresses (ids
+/// are each node's own; the addresses must agree).
+fn ring_by_address(d: &Daemon) -> Vec<Option<IpAddr>> {
+    let sid = d.status()["services"][0]["id"]
+        .as_u64()
+        .expect("service id") as u32;
+    let maps =
+        lb_userspace::dataplane::Maps::from_pins(&lb_userspace::pins::layout_dir(&d.pin_path))
+            .expect("pinned maps");
+    let ring = lb_common::maps::DEFAULT_RING_SIZE;
+    let mut names = std::collections::HashMap::new();
+    (0..ring)
+        .map(|slot| {
+            let id = maps.maglev.get(&(sid * ring + slot), 0).expect("slot");
+            if id == 0 {
+                return None;
+            }
+            Some(*names.entry(id).or_insert_with(|| {
+                let b = maps.backends.get(&id, 0).expect("backend");
+                lb_userspace::dataplane::words_addr(b.addr, b.family)
+            }))
+        })
+        .collect()
+}
+
+/// Every node holds the same Maglev table (by address, slot by slot).
+fn rings_agree(daemons: &[Daemon], when: &str) {
+    let first = ring_by_address(&daemons[0]);
+    assert!(first.iter().all(Option::is_some), "{when}: empty slots");
+    for (k, d) in daemons.iter().enumerate().skip(1) {
+        let other = ring_by_address(d);
+        let differ = first.iter().zip(&other).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ,
+            0,
+            "{when}: node {} differs from node 1 in {differ} slots",
+            k + 1
+        );
+    }
+    println!(
+        "{when}: the {} nodes' Maglev tables are identical",
+        daemons.len()
+    );
+}
+
 /// Per backend: (connections accepted, MPJoinSynRx, MPJoinPortSynRx, MPJoinNoTokenFound).
 fn join_counts(tb: &Testbed, servers: &[Server]) -> Vec<(u64, u64, u64, u64)> {
     servers
@@ -170,7 +215,12 @@ fn every_join_reaches_its_backend_through_any_node() {
         "the router reaches the VIPs through {NODES} nodes {} ms after the backends were set up",
         t.elapsed().as_millis()
     );
+    rings_agree(&daemons, "at start");
     announcements_follow_the_node(&tb, &daemons);
+    rings_agree(
+        &daemons,
+        "after node 3's backends were disabled and enabled again",
+    );
 
     // 200 connections, half on each VIP; every join leaves from the second path to
     // the IPv4 join port (the IPv6 announcement does not fit beside timestamps).
@@ -369,6 +419,7 @@ fn negative_control(tb: &Testbed, servers: &[Server], daemons: &mut [Daemon], fi
     for s in servers {
         s.join_wait_ms.store(2000, Ordering::Relaxed);
     }
+    rings_agree(daemons, "after a reload");
     let before = join_counts(tb, servers);
     let recs_before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
     let v4 = |_: usize| IpAddr::V4(VIP4);
