@@ -26,6 +26,7 @@ use mptcp_lb_tests::{
     },
 };
 
+/// Nodes running from the start; one more (node 4) joins the fleet under traffic.
 const NODES: usize = 3;
 const BACKENDS: usize = 3;
 const JOIN_PORT_BASE: u16 = 20000;
@@ -161,7 +162,7 @@ fn every_join_reaches_its_backend_through_any_node() {
     if !privileged("every_join_reaches_its_backend_through_any_node") {
         return;
     }
-    let tb = Testbed::fleet("mlb-flt", NODES, BACKENDS);
+    let tb = Testbed::fleet("mlb-flt", NODES + 1, BACKENDS);
     let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
@@ -279,14 +280,17 @@ fn every_join_reaches_its_backend_through_any_node() {
     );
 
     node_leaves_under_traffic(&tb, &servers, &daemons);
+    daemons.push(node_joins_under_traffic(&tb, &servers));
+    rings_agree(&daemons, "with node 4");
     negative_control(&tb, &servers, &mut daemons, &file);
 
     // A node taken out for good: the daemon stops (its dataplane still forwards and its
     // VIPs stay announced), then `detach` removes the dataplane and the announcements.
+    let n = daemons.len();
     assert!(daemons[2].term(), "daemon 3 exits cleanly");
     assert_eq!(
         tb.vip_next_hops(),
-        (NODES, NODES),
+        (n, n),
         "a stopped daemon's dataplane still serves"
     );
     let out = cli_in(
@@ -303,7 +307,46 @@ fn every_join_reaches_its_backend_through_any_node() {
         "{}",
         text(&out)
     );
-    tb.wait_next_hops(NODES - 1, Duration::from_secs(10));
+    tb.wait_next_hops(n - 1, Duration::from_secs(10));
+}
+
+/// Node 4 joins the fleet while 60 connections are established: its daemon starts, its
+/// BGP speaker announces the VIPs, and the router spreads flows over four nodes, so a
+/// quarter of the established flows move to a node that has never seen them. Maglev
+/// gives them the same backend there, and joins go by port: none breaks.
+fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
+    let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let mut new = None;
+    let errors = across(&tb.client, 60, true, alternate, || {
+        let k = NODES + 1;
+        let tag = format!("flt{k}");
+        new = Some(Daemon::start(
+            tb.node(k),
+            &tag,
+            &Testbed::node_config(&tag, k, &service(true)),
+        ));
+        tb.wait_next_hops(k, Duration::from_secs(20));
+    });
+    let d = new.expect("node 4 started");
+    let moved = counter(&d, "conn_miss_non_syn");
+    println!(
+        "node 4 joined under 60 connections: {} failed, {moved} established flows moved to it",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "connections broken by a node's arrival: {errors:?}"
+    );
+    assert!(
+        moved > 0,
+        "no flow moved to the new node: the test proves nothing"
+    );
+    for (i, s) in servers.iter().enumerate() {
+        for r in &records(s)[before[i]..] {
+            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
+        }
+    }
+    d
 }
 
 /// Node 2 leaves while 60 connections are established: the router's route loses it (as
@@ -329,7 +372,7 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
         .sum::<u64>()
         - misses_before;
     println!(
-        "node 2 left under 60 connections: {} failed, {moved} packets of flows new to their node",
+        "node 2 left under 60 connections: {} failed, {moved} established flows moved to the other nodes",
         errors.len()
     );
     assert!(
@@ -438,7 +481,8 @@ fn negative_control(tb: &Testbed, servers: &[Server], daemons: &mut [Daemon], fi
         .map(|d| counter(d, "join_unknown_dropped"))
         .sum();
     println!(
-        "negative control, token steering through {NODES} nodes: {joined} of 60 connections kept their join; {dropped} join SYNs dropped as unknown; backends before {before:?} after {after:?}"
+        "negative control, token steering through {} nodes: {joined} of 60 connections kept their join; {dropped} join SYNs dropped as unknown; backends before {before:?} after {after:?}",
+        daemons.len()
     );
     assert!(
         joined < 50,
