@@ -104,6 +104,16 @@ impl Netns {
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
     }
 
+    /// The same with no standard input, output or error of ours.
+    pub fn spawn_detached(&self, args: &[&str]) -> std::process::Child {
+        let mut cmd = self.command(args);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
+    }
+
     /// The id of the XDP program attached to `dev`, if any (from `ip -d link`).
     pub fn xdp_prog(&self, dev: &str) -> Option<u32> {
         let out = self.run(&["ip", "-d", "link", "show", "dev", dev]);

@@ -262,7 +262,9 @@ impl Testbed {
         std::fs::write(&conf_path, conf).expect("bird config");
         let sock = format!("{}/{name}.ctl", self.bgp_dir);
         let pid = format!("{}/{name}.pid", self.bgp_dir);
-        ns.spawn(&["bird", "-f", "-c", &conf_path, "-s", &sock, "-P", &pid])
+        // No pipe of ours: it logs to its file, and may outlive this process
+        // (`testbed up`), whose output a caller may be reading to its end.
+        ns.spawn_detached(&["bird", "-f", "-c", &conf_path, "-s", &sock, "-P", &pid])
     }
 
     fn start_node_bird(&self, k: usize) -> std::process::Child {
@@ -297,6 +299,17 @@ impl Testbed {
     pub fn start_node_bgp(&self, k: usize) {
         let child = self.start_node_bird(k);
         self.bgp.lock().expect("bgp")[k] = Some(child);
+    }
+
+    /// Process ids of the BGP speakers running now (router first).
+    pub fn bgp_pids(&self) -> Vec<u32> {
+        self.bgp
+            .lock()
+            .expect("bgp")
+            .iter()
+            .flatten()
+            .map(std::process::Child::id)
+            .collect()
     }
 
     /// The router's next hops for the IPv4 and the IPv6 VIP (0 when it has no route).

@@ -91,6 +91,77 @@ fn testbed_up_twice_then_down_leaves_nothing() {
     }
 }
 
+/// `demo --lb-nodes 3`: the fleet behind BGP and ECMP, every join held when steered by
+/// port, joins lost when steered by token; nothing left afterwards.
+#[test]
+fn the_fleet_demo_holds_every_join_by_port_and_loses_some_by_token() {
+    if !privileged("the_fleet_demo_holds_every_join_by_port_and_loses_some_by_token") {
+        return;
+    }
+    let (ok, out) = lab(&["demo", "--lb-nodes", "3"]);
+    println!("{out}");
+    let by_port = out
+        .lines()
+        .skip_while(|l| !l.contains("steered by PORT"))
+        .take_while(|l| !l.starts_with("=>"));
+    let bad: Vec<&str> = by_port
+        .filter(|l| !l.contains("ok: both") && !l.starts_with('#') && !l.contains("by PORT"))
+        .chain(out.lines().filter(|l| l.starts_with("lab:")))
+        .collect();
+    assert!(ok, "the fleet demo failed: {bad:#?}");
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert!(
+        out.contains("RESULT: fleet of 3 nodes: joins steered by port: 20/20 connections fully on one backend"),
+        "{out}"
+    );
+    assert!(
+        out.contains("JOIN LOST"),
+        "steering by token loses joins: {out}"
+    );
+    // Each node carried first subflows.
+    for k in 1..=3 {
+        assert!(
+            out.contains(&format!(" via lb{k} ")),
+            "node {k} carried nothing: {out}"
+        );
+    }
+    assert!(namespaces("mlb-demo-").is_empty(), "the demo tears down");
+    let birds = Command::new("pgrep")
+        .args(["-f", "mptcp-lb-bgp-mlb-demo"])
+        .output()
+        .expect("pgrep");
+    assert!(birds.stdout.is_empty(), "BGP speakers left behind");
+}
+
+/// `testbed up --lb-nodes 2` then `down`: the fleet's daemons and BGP speakers go too.
+#[test]
+fn fleet_testbed_up_then_down_leaves_nothing() {
+    if !privileged("fleet_testbed_up_then_down_leaves_nothing") {
+        return;
+    }
+    let (ok, out) = lab(&["up", "--lb-nodes", "2"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("mptcp-lb running on 2 nodes"), "{out}");
+    let pids: Vec<String> = std::fs::read_to_string("/run/mptcp-lb-testbed/pids")
+        .expect("pid file")
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        pids.len(),
+        3 + 2 + 3,
+        "three servers, two daemons, three BGP speakers"
+    );
+    let (ok, out) = lab(&["down"]);
+    assert!(ok, "{out}");
+    assert!(namespaces("mlb-tb-").is_empty(), "namespaces left: {out}");
+    for p in pids {
+        let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let alive = !state.is_empty() && !state.contains(") Z ");
+        assert!(!alive, "process {p} left behind");
+    }
+}
+
 fn xtask() -> PathBuf {
     let bin = binary().with_file_name("xtask");
     assert!(

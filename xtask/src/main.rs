@@ -48,12 +48,19 @@ enum Task {
         /// Leave the testbed and the daemon running afterwards.
         #[arg(long)]
         keep: bool,
+        /// A fleet of N balancer nodes behind a router's ECMP (BGP), joins steered by
+        /// port, against joins steered by token.
+        #[arg(long, default_value_t = 1)]
+        lb_nodes: usize,
     },
     /// The network-namespace testbed: client (wifi, cell), router, load balancer, three
     /// MPTCP backends.
     Testbed {
         #[arg(value_parser = ["up", "down", "status"])]
         action: String,
+        /// With up: N balancer nodes behind the router's ECMP (BGP), joins steered by port.
+        #[arg(long, default_value_t = 1)]
+        lb_nodes: usize,
     },
     /// Build in release, install mptcp-lb and its configuration, start it (systemd, or
     /// in the background), wait until it reports the program attached. Run again to
@@ -268,8 +275,18 @@ fn main() -> anyhow::Result<()> {
                 ]),
             )
         }
-        Task::Demo { keep } => lab(if keep { &["demo", "--keep"] } else { &["demo"] }),
-        Task::Testbed { action } => lab(&[action.as_str()]),
+        Task::Demo { keep, lb_nodes } => {
+            let nodes = lb_nodes.to_string();
+            let mut args = vec!["demo", "--lb-nodes", nodes.as_str()];
+            if keep {
+                args.push("--keep");
+            }
+            lab(&args)
+        }
+        Task::Testbed { action, lb_nodes } => {
+            let nodes = lb_nodes.to_string();
+            lab(&[action.as_str(), "--lb-nodes", nodes.as_str()])
+        }
         Task::Deploy(args) => deploy::deploy(&args, || {
             setup::ensure(false)?;
             run(

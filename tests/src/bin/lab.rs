@@ -18,7 +18,8 @@ use mptcp_lb_tests::{
     },
 };
 
-const USAGE: &str = "usage: lab demo [--keep] | lab up | lab down | lab status";
+const USAGE: &str =
+    "usage: lab demo [--keep] [--lb-nodes N] | lab up [--lb-nodes N] | lab down | lab status";
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,13 +29,32 @@ fn main() -> std::process::ExitCode {
         eprintln!("lab: needs root (network namespaces, BPF); try: sudo -E cargo xtask ...");
         return std::process::ExitCode::FAILURE;
     }
-    let r = match args.as_slice() {
-        ["demo"] => demo(false),
-        ["demo", "--keep"] => demo(true),
-        ["up"] => up(),
-        ["down"] => down(),
-        ["status"] => status(),
-        ["serve", ns, records] => serve_forever(ns, records),
+    // `--lb-nodes N` anywhere: a fleet of N balancer nodes behind ECMP (BGP).
+    let mut nodes = 1;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if *a == "--lb-nodes" {
+            match it.next().and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if (1..=8).contains(&n) => nodes = n,
+                _ => {
+                    eprintln!("--lb-nodes takes a number from 1 to 8\n{USAGE}");
+                    return std::process::ExitCode::from(2);
+                }
+            }
+        } else {
+            rest.push(*a);
+        }
+    }
+    let r = match (rest.as_slice(), nodes) {
+        (["demo"], 1) => demo(false),
+        (["demo", "--keep"], 1) => demo(true),
+        (["demo"], n) => demo_fleet(n, false),
+        (["demo", "--keep"], n) => demo_fleet(n, true),
+        (["up"], n) => up(n),
+        (["down"], _) => down(),
+        (["status"], _) => status(),
+        (["serve", ns, records], _) => serve_forever(ns, records),
         _ => {
             eprintln!("{USAGE}");
             return std::process::ExitCode::from(2);
@@ -99,11 +119,18 @@ struct Outcome {
     client: Result<SocketAddr, String>,
 }
 
+const RESET: &str = "JOIN RESET: 2nd subflow sent to a backend without its token";
+
 /// `n` MPTCP connections, alternating the IPv4 and IPv6 VIP, all at once.
 fn connections(tb: &Testbed, n: usize) -> Vec<Outcome> {
+    connections_to(tb, n, true)
+}
+
+/// `n` MPTCP connections all at once: alternating the VIPs, or IPv4 only.
+fn connections_to(tb: &Testbed, n: usize, both: bool) -> Vec<Outcome> {
     let handles: Vec<_> = (0..n)
         .map(|k| {
-            let vip = if k % 2 == 0 {
+            let vip = if k % 2 == 0 || !both {
                 IpAddr::V4(VIP4)
             } else {
                 IpAddr::V6(VIP6)
@@ -129,6 +156,7 @@ fn report(
     servers: &[Server],
     seen_before: &[usize],
     lb_choice: &HashMap<SocketAddr, String>,
+    lost: &str,
 ) -> (usize, usize) {
     // Backend records by the client's first-subflow address.
     let mut served: HashMap<SocketAddr, (usize, ConnRecord)> = HashMap::new();
@@ -182,10 +210,7 @@ fn report(
                     good += 1;
                     (fams.join(" + "), format!("ok: both subflows on be{be}"))
                 } else {
-                    (
-                        format!("{} only", fams.join(" + ")),
-                        "JOIN RESET: 2nd subflow sent to a backend without its token".into(),
-                    )
+                    (format!("{} only", fams.join(" + ")), lost.to_string())
                 };
                 (
                     format!("{:08x}", r.token),
@@ -311,7 +336,7 @@ fn demo(keep: bool) -> Result<(), String> {
     let outcomes = connections(&tb, n);
     let choice = lb_choices(&d);
     println!("\nWith MPTCP awareness ON (joins follow their token):");
-    let (good_on, total) = report(&outcomes, &servers, &before, &choice);
+    let (good_on, total) = report(&outcomes, &servers, &before, &choice, RESET);
     let resets_on: u64 = join_resets(&tb)
         .iter()
         .zip(&resets_before)
@@ -342,7 +367,7 @@ fn demo(keep: bool) -> Result<(), String> {
     println!(
         "\nWith MPTCP awareness OFF (a classic L4 balancer: each subflow hashed on its own 5-tuple):"
     );
-    let (good_off, _) = report(&outcomes, &servers, &before, &choice);
+    let (good_off, _) = report(&outcomes, &servers, &before, &choice, RESET);
     let resets: Vec<u64> = join_resets(&tb)
         .iter()
         .zip(&resets_before)
@@ -377,6 +402,251 @@ fn demo(keep: bool) -> Result<(), String> {
     } else {
         Err(format!(
             "unexpected result: awareness on {good_on}/{total}, off {good_off}/{total}"
+        ))
+    }
+}
+
+/// Node `k`'s configuration in a fleet: the demo's service, joins steered by port
+/// (backend i announces 2000i) or by token.
+fn fleet_config(tag: &str, k: usize, port: bool) -> String {
+    let health = format!(
+        "{{ kind = \"mptcp\", port = {HEALTH_PORT}, interval_ms = 500, timeout_ms = 300, rise = 1, fall = 2 }}"
+    );
+    let mut svc = Testbed::service_toml(SERVICE, &[1, 2, 3], &health);
+    if port {
+        svc = svc.replacen(
+            "[[service.backend]]",
+            "join_steering = \"port\"\n[[service.backend]]",
+            1,
+        );
+        for i in 1..=3 {
+            let a = format!("address = \"{}\"\n", backend_addr4(i));
+            svc = svc.replace(&a, &format!("{a}join_port = {}\n", 20000 + i));
+        }
+    }
+    Testbed::node_config(tag, k, &svc)
+}
+
+fn node_tag(prefix: &str, k: usize) -> String {
+    if k == 1 {
+        prefix.to_string()
+    } else {
+        format!("{prefix}{k}")
+    }
+}
+
+/// Starts a daemon on every node of the fleet and waits until each sees every backend
+/// active.
+fn start_fleet(tb: &Testbed, prefix: &str, port: bool) -> Vec<Daemon> {
+    let daemons: Vec<Daemon> = (1..=tb.nodes())
+        .map(|k| {
+            let tag = node_tag(prefix, k);
+            Daemon::start(tb.node(k), &tag, &fleet_config(&tag, k, port))
+        })
+        .collect();
+    for d in &daemons {
+        for i in 1..=3 {
+            d.wait_state(
+                SERVICE,
+                &backend_addr4(i).to_string(),
+                "active",
+                Duration::from_secs(15),
+            );
+        }
+    }
+    daemons
+}
+
+/// `mptcp-lb join-ports ACTION --config FILE` on every backend; prints what each said.
+fn join_ports(tb: &Testbed, action: &str, file: &Path) -> Result<(), String> {
+    for (i, be) in tb.backends.iter().enumerate() {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", be.path()))
+            .arg("--")
+            .arg(binary())
+            .args(["join-ports", action, "--config"])
+            .arg(file)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        for line in said.lines() {
+            println!("  be{}: {line}", i + 1);
+        }
+        if !out.status.success() {
+            return Err(format!(
+                "join-ports {action} on be{}: {}",
+                i + 1,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Per client first-subflow address: the backend the node holding its entry chose,
+/// and which node that is.
+fn fleet_choices(daemons: &[Daemon]) -> HashMap<SocketAddr, String> {
+    let mut out = HashMap::new();
+    for (k, d) in daemons.iter().enumerate() {
+        for (client, be) in lb_choices(d) {
+            out.insert(client, format!("{be} via lb{}", k + 1));
+        }
+    }
+    out
+}
+
+fn per_node(daemons: &[Daemon], counter: &str) -> Vec<u64> {
+    daemons
+        .iter()
+        .map(|d| {
+            d.json(&["inspect", "stats", "--json"])[counter]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+const LOST: &str = "JOIN LOST: the 2nd subflow reached a node without its token";
+
+/// `demo --lb-nodes N`: the fleet. N nodes behind a router doing ECMP over their BGP
+/// announcements; joins steered by port, then the contrast with joins steered by the
+/// token each node learned.
+fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
+    let t = Instant::now();
+    let n = 20;
+    step(
+        t,
+        &format!(
+            "building the fleet testbed: client (wifi + cell paths), a router running BGP (BIRD) with 5-tuple ECMP, {nodes} balancer nodes each with BIRD, 3 MPTCP backends"
+        ),
+    );
+    let tb = Testbed::fleet(DEMO, nodes, 3);
+    let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    for s in &servers {
+        s.expect_joins.store(true, Ordering::Relaxed);
+        s.join_wait_ms.store(10_000, Ordering::Relaxed);
+    }
+    step(
+        t,
+        "starting mptcp-lb on every node: the same service, joins steered by port",
+    );
+    let daemons = start_fleet(&tb, "demo", true);
+    step(
+        t,
+        "all 3 backends pass their MPTCP health check on every node",
+    );
+    step(
+        t,
+        "the backends' side, from node 1's file: mptcp-lb join-ports apply",
+    );
+    let file = daemons[0].config.clone();
+    join_ports(&tb, "apply", &file)?;
+    // Joins leave from the client's second path (cell) to the announced VIP:port.
+    tb.client.run(&[
+        "ip", "mptcp", "endpoint", "add", "10.1.2.2", "dev", "cell0", "subflow", "fullmesh",
+    ]);
+    tb.wait_next_hops(nodes, Duration::from_secs(20));
+    step(
+        t,
+        "the router's routes to the VIPs, learned by BGP from the nodes:",
+    );
+    print!(
+        "{}",
+        tb.router
+            .run(&["ip", "route", "show", &format!("{VIP4}/32")])
+    );
+    print!(
+        "{}",
+        tb.router
+            .run(&["ip", "-6", "route", "show", &format!("{VIP6}/128")])
+    );
+    println!();
+    show_cli(&daemons[0], &["status"]);
+    println!();
+
+    step(
+        t,
+        &format!(
+            "opening {n} MPTCP connections (IPv4 and IPv6 VIP), each adds a second subflow from cell"
+        ),
+    );
+    let before: Vec<usize> = servers
+        .iter()
+        .map(|s| s.records.lock().expect("r").len())
+        .collect();
+    let routed_before = per_node(&daemons, "join_port_routed");
+    let outcomes = connections(&tb, n);
+    let choice = fleet_choices(&daemons);
+    println!(
+        "\nJoins steered by PORT (each backend announced VIP:2000i; no state shared by the nodes):"
+    );
+    let (good_on, total) = report(&outcomes, &servers, &before, &choice, LOST);
+    let routed: Vec<u64> = per_node(&daemons, "join_port_routed")
+        .iter()
+        .zip(&routed_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    println!(
+        "=> {good_on} of {total} connections have every subflow on their backend; join SYNs steered by port per node: {routed:?}\n"
+    );
+
+    step(
+        t,
+        "contrast: joins steered by token (each node learns the tokens of the handshakes it sees), applied by live reloads; the backends' join ports undone",
+    );
+    for (k, d) in daemons.iter().enumerate() {
+        d.write_config(&fleet_config(&node_tag("demo", k + 1), k + 1, false));
+        show_cli(d, &["reload"]);
+    }
+    join_ports(&tb, "undo", &file)?;
+    for s in &servers {
+        s.join_wait_ms.store(3000, Ordering::Relaxed);
+    }
+    let before: Vec<usize> = servers
+        .iter()
+        .map(|s| s.records.lock().expect("r").len())
+        .collect();
+    let dropped_before = per_node(&daemons, "join_unknown_dropped");
+    // IPv4 only: without announcements the client's second path (IPv4) joins the IPv4
+    // service port, and an IPv6 connection would have nothing to join.
+    let outcomes = connections_to(&tb, n, false);
+    let choice = fleet_choices(&daemons);
+    println!(
+        "\nJoins steered by TOKEN through {nodes} nodes (ECMP sends each join to a node of its own):"
+    );
+    let (good_off, _) = report(&outcomes, &servers, &before, &choice, LOST);
+    let dropped: Vec<u64> = per_node(&daemons, "join_unknown_dropped")
+        .iter()
+        .zip(&dropped_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    println!(
+        "=> {good_off} of {total} connections kept their second subflow (their join reached the node that saw the handshake); join SYNs dropped as unknown per node: {dropped:?}\n"
+    );
+
+    let ok = good_on == total && good_off < total;
+    if keep {
+        println!(
+            "--keep: the fleet stays up (namespaces {DEMO}-*); `ip -all netns delete` and killing the bird processes remove it"
+        );
+        std::mem::forget(daemons);
+        std::mem::forget(servers);
+        std::mem::forget(tb);
+    } else {
+        step(t, "tearing down");
+        drop(daemons);
+        drop(servers);
+        drop(tb);
+    }
+    step(t, "done");
+    if ok {
+        println!(
+            "RESULT: fleet of {nodes} nodes: joins steered by port: {good_on}/{total} connections fully on one backend; by token: {good_off}/{total}, the rest lost their second path"
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "unexpected result: by port {good_on}/{total}, by token {good_off}/{total}"
         ))
     }
 }
@@ -419,16 +689,27 @@ fn serve_forever(ns: &str, records: &str) -> Result<(), String> {
     }
 }
 
-fn up() -> Result<(), String> {
+fn up(nodes: usize) -> Result<(), String> {
     let t = Instant::now();
     // Up twice in a row: the second replaces the first.
     let _ = down();
     let dir = state_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    step(t, "namespaces: client (wifi, cell), router, lb, be1..be3");
-    let tb = Testbed::new(TESTBED, 3);
-    tb.announce_vip6();
-    tb.client_joins(true);
+    let tb = if nodes == 1 {
+        step(t, "namespaces: client (wifi, cell), router, lb, be1..be3");
+        let tb = Testbed::new(TESTBED, 3);
+        tb.announce_vip6();
+        tb.client_joins(true);
+        tb
+    } else {
+        step(
+            t,
+            &format!(
+                "namespaces: client (wifi, cell), router (BIRD, ECMP), {nodes} balancer nodes (lb, lb2, ...; BIRD each), be1..be3"
+            ),
+        );
+        Testbed::fleet(TESTBED, nodes, 3)
+    };
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut pids = Vec::new();
     for be in &tb.backends {
@@ -455,28 +736,51 @@ fn up() -> Result<(), String> {
         pids.push(child.id());
     }
     step(t, "MPTCP servers on the backends (port 80, health on 81)");
-    let d = Daemon::start(&tb.lb, "testbed", &config("testbed"));
-    pids.push(d.pid());
-    for i in 1..=3 {
-        d.wait_state(
-            SERVICE,
-            &backend_addr4(i).to_string(),
-            "active",
-            Duration::from_secs(15),
-        );
-    }
+    let daemons = if nodes == 1 {
+        let d = Daemon::start(&tb.lb, "testbed", &config("testbed"));
+        for i in 1..=3 {
+            d.wait_state(
+                SERVICE,
+                &backend_addr4(i).to_string(),
+                "active",
+                Duration::from_secs(15),
+            );
+        }
+        vec![d]
+    } else {
+        let daemons = start_fleet(&tb, "testbed", true);
+        join_ports(&tb, "apply", &daemons[0].config)?;
+        tb.client.run(&[
+            "ip", "mptcp", "endpoint", "add", "10.1.2.2", "dev", "cell0", "subflow", "fullmesh",
+        ]);
+        tb.wait_next_hops(nodes, Duration::from_secs(20));
+        daemons
+    };
+    pids.extend(daemons.iter().map(Daemon::pid));
+    pids.extend(tb.bgp_pids());
     step(
         t,
-        "mptcp-lb running in the lb namespace, all backends active",
+        &format!(
+            "mptcp-lb running on {} node{}, all backends active",
+            daemons.len(),
+            if daemons.len() == 1 { "" } else { "s" }
+        ),
     );
     let pid_list: String = pids.iter().map(|p| format!("{p}\n")).collect();
     std::fs::write(dir.join("pids"), pid_list).map_err(|e| e.to_string())?;
+    println!("testbed up. Try:");
+    for (k, d) in daemons.iter().enumerate() {
+        println!(
+            "  nsenter --net={} {} status --socket {}",
+            tb.node(k + 1).path(),
+            binary().display(),
+            d.socket.display()
+        );
+    }
     println!(
-        "testbed up. Try:\n  nsenter --net=/run/netns/{TESTBED}-lb {} status --socket {}\n  nsenter --net=/run/netns/{TESTBED}-client curl ... (VIPs {VIP4}:80, [{VIP6}]:80)\n  cargo xtask testbed down",
-        binary().display(),
-        d.socket.display()
+        "  the VIPs {VIP4} and {VIP6}: port 80 is the tests' own server (it reads 20,000 bytes, then answers 100,000), not HTTP; for HTTP run a server on the backends (e.g. `mptcpize run nginx`) on another port and add a [[service]] for it\n  cargo xtask testbed down"
     );
-    std::mem::forget(d);
+    std::mem::forget(daemons);
     std::mem::forget(tb);
     Ok(())
 }
@@ -489,9 +793,12 @@ fn down() -> Result<(), String> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    let (ddir, _, pins) = Daemon::paths("testbed");
-    let _ = lb_userspace::pins::remove(&pins);
-    let _ = std::fs::remove_dir_all(ddir);
+    for k in 1..=8 {
+        let (ddir, _, pins) = Daemon::paths(&node_tag("testbed", k));
+        let _ = lb_userspace::pins::remove(&pins);
+        let _ = std::fs::remove_dir_all(ddir);
+    }
+    let _ = std::fs::remove_dir_all(format!("/tmp/mptcp-lb-bgp-{TESTBED}"));
     for ns in namespaces(&format!("{TESTBED}-")) {
         let _ = std::process::Command::new("ip")
             .args(["netns", "delete", &ns])
