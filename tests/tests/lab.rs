@@ -173,6 +173,12 @@ fn xtask() -> PathBuf {
 }
 
 fn deploy(config: &str, prefix: &str) -> String {
+    let (ok, text) = try_deploy(config, prefix);
+    assert!(ok, "deploy failed:\n{text}");
+    text
+}
+
+fn try_deploy(config: &str, prefix: &str) -> (bool, String) {
     let out = Command::new(xtask())
         .args([
             "deploy",
@@ -196,8 +202,7 @@ fn deploy(config: &str, prefix: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "deploy failed:\n{text}");
-    text
+    (out.status.success(), text)
 }
 
 #[test]
@@ -217,6 +222,25 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
     )
     .expect("config");
 
+    // A refused file installs nothing: no binary, no configuration.
+    let bad = format!("{prefix}-bad.toml");
+    let good_text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &bad,
+        good_text.replace("[[service.backend]]\n", "[[service.backend]]\nweight = 0\n"),
+    )
+    .expect("bad config");
+    let installed_config = format!("{prefix}/etc/mptcp-lb/mptcp-lb-mlb-dep-lb.toml");
+    let installed_bin = format!("{prefix}/bin/mptcp-lb");
+    let (ok, out) = try_deploy(&bad, prefix);
+    assert!(!ok, "a bad configuration deployed:\n{out}");
+    assert!(
+        out.contains("nothing was installed") && out.contains("weight: 0 is out of range"),
+        "{out}"
+    );
+    assert!(!std::path::Path::new(&installed_config).exists(), "{out}");
+    assert!(!std::path::Path::new(&installed_bin).exists(), "{out}");
+
     // --iface overrides the file's interface; the daemon reports the program attached.
     let first = deploy(&config, prefix);
     println!("{first}");
@@ -227,6 +251,22 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
     );
     let errors = run_clients(&tb.client, 30, 5, false, alternate);
     assert!(errors.is_empty(), "{errors:?}");
+
+    // Deployed once, a refused file changes nothing: same file, same daemon.
+    let pid_file = format!("{prefix}/var/run/mptcp-lb/mptcp-lb-mlb-dep-lb.pid");
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    let installed = std::fs::read_to_string(&installed_config).expect("installed config");
+    let (ok, out) = try_deploy(&bad, prefix);
+    assert!(!ok, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&installed_config).expect("config"),
+        installed
+    );
+    assert_eq!(std::fs::read_to_string(&pid_file).expect("pid"), pid);
+    let pid: i32 = pid.trim().parse().expect("pid");
+    // SAFETY: signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the daemon still runs");
+    let _ = std::fs::remove_file(&bad);
 
     // Deploy again while clients keep connecting: not one connection fails.
     let stop = Arc::new(AtomicBool::new(false));
@@ -265,6 +305,25 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
     );
     assert!(during > 0, "the load ran during the upgrade");
 
+    // A pid file naming another process (the daemon died, the pid was reused) gets no
+    // SIGTERM from undeploy.
+    let daemon_pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let mut bystander = Command::new("sleep").arg("60").spawn().expect("sleep");
+    std::fs::write(&pid_file, format!("{}\n", bystander.id())).expect("pid file");
+    // The daemon no longer has a pid file: stop it the way an operator would.
+    // SAFETY: kill on the daemon's pid read from its own pid file.
+    unsafe { libc::kill(daemon_pid, libc::SIGTERM) };
+    mptcp_lb_tests::netns::wait_until(
+        std::time::Duration::from_secs(10),
+        "the daemon to exit",
+        // SAFETY: signal 0 only checks that the process exists.
+        || (unsafe { libc::kill(daemon_pid, 0) } != 0).then_some(()),
+    );
+
     // Undeploy: the program is gone.
     assert!(tb.lb.xdp_prog("lb0").is_some(), "attached before undeploy");
     let out = Command::new(xtask())
@@ -281,6 +340,17 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
         "the program to detach",
         || tb.lb.xdp_prog("lb0").is_none().then_some(()),
     );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("not this instance's daemon: not signalled"),
+        "{said}"
+    );
+    assert!(
+        bystander.try_wait().expect("wait").is_none(),
+        "undeploy killed an unrelated process whose pid was in the pid file"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
     let _ = std::fs::remove_dir_all(prefix);
     let _ = std::fs::remove_file(&config);
 }

@@ -86,6 +86,20 @@ fn prepared_config(args: &DeployArgs) -> anyhow::Result<(String, PathBuf, PathBu
     if let Some(m) = &args.mode {
         balancer.insert("xdp_mode".into(), toml::Value::String(m.clone()));
     }
+    // Instances in namespaces share the host's bpffs and /run: unless the file says
+    // otherwise, each gets its own pin path and control socket, so that a second
+    // instance can neither take over the first one's maps nor answer for it.
+    if let Some(ns) = &args.netns {
+        let instance = format!("mptcp-lb-{ns}");
+        for (key, value) in [
+            ("pin_path", format!("/sys/fs/bpf/{instance}")),
+            ("control_socket", format!("/run/mptcp-lb/{instance}.sock")),
+        ] {
+            if !balancer.contains_key(key) {
+                balancer.insert(key.into(), toml::Value::String(value));
+            }
+        }
+    }
     let get = |k: &str, d: &str| {
         PathBuf::from(
             balancer
@@ -125,14 +139,35 @@ fn install_file(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn running_pid(pid_file: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    // SAFETY: signal 0 only checks that the process exists.
-    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+/// The pid in `pid_file` when that process is this instance's daemon: `l.bin run
+/// --config l.config`, read from /proc. A pid file that outlived its daemon (a crash, a
+/// reboot) may name an unrelated process by now, which must not get our SIGTERM.
+/// Writes `text` to `path` and flushes it to disk.
+fn write_synced(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn running_pid(l: &Layout) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(&l.pid).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is = |a: &[u8], p: &Path| a == p.as_os_str().as_encoded_bytes();
+    let ours = args.first().is_some_and(|a| is(a, &l.bin))
+        && args.contains(&b"run".as_slice())
+        && args.iter().any(|a| is(a, &l.config));
+    if !ours {
+        println!(
+            "deploy: the pid file {} names pid {pid}, which is not this instance's daemon: not signalled",
+            l.pid.display()
+        );
+        return None;
+    }
+    Some(pid)
 }
 
 /// Waits until the daemon answers `status` with an attached program.
@@ -142,6 +177,19 @@ fn wait_ready(
     socket: &Path,
     expect_pid: Option<i32>,
 ) -> anyhow::Result<serde_json::Value> {
+    // Where the daemon's output went: the journal under systemd, else the log file.
+    let log = || {
+        if expect_pid.is_none() {
+            let out = Command::new("journalctl")
+                .args(["-u", &l.instance, "-n", "15", "--no-pager"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            format!("journalctl -u {}:\n{out}", l.instance)
+        } else {
+            format!("its log ({}):\n{}", l.log.display(), tail(&l.log))
+        }
+    };
     let start = Instant::now();
     loop {
         let out = in_netns(netns, &l.bin)
@@ -159,18 +207,13 @@ fn wait_ready(
         if let Some(p) = expect_pid {
             // SAFETY: signal 0 only checks that the process exists.
             if unsafe { libc::kill(p, 0) } != 0 {
-                bail!(
-                    "the daemon exited; its log ({}):\n{}",
-                    l.log.display(),
-                    tail(&l.log)
-                );
+                bail!("the daemon exited; {}", log());
             }
         }
         if start.elapsed() > Duration::from_secs(30) {
             bail!(
-                "mptcp-lb status did not report the program attached within 30 s; log ({}):\n{}",
-                l.log.display(),
-                tail(&l.log)
+                "mptcp-lb status did not report the program attached within 30 s; {}",
+                log()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -226,26 +269,33 @@ pub fn deploy(
         Some(b) => b.clone(),
         None => build()?,
     };
-    install_file(&built, &l.bin, 0o755)?;
+    // Check the new configuration with the new binary before anything is installed: a
+    // refused file leaves the installed binary, configuration and daemon as they were.
     let cfg_dir = l.config.parent().context("config dir")?;
-    std::fs::create_dir_all(cfg_dir)?;
-    std::fs::write(&l.config, config).with_context(|| format!("writing {}", l.config.display()))?;
-    println!(
-        "deploy: installed {} and {}",
-        l.bin.display(),
-        l.config.display()
-    );
-    // Refuse a bad configuration before touching the running daemon.
-    let check = in_netns(args.netns.as_deref(), &l.bin)
+    std::fs::create_dir_all(cfg_dir).with_context(|| format!("creating {}", cfg_dir.display()))?;
+    let staged = l.config.with_extension("toml.new");
+    write_synced(&staged, &config)?;
+    let check = in_netns(args.netns.as_deref(), &built)
         .args(["check", "--config"])
-        .arg(&l.config)
+        .arg(&staged)
         .output()?;
     if !check.status.success() {
+        let _ = std::fs::remove_file(&staged);
         bail!(
-            "the configuration is refused (the running balancer, if any, is untouched): {}",
+            "the configuration is refused; nothing was installed, and the running balancer and its files are untouched: {}",
             String::from_utf8_lossy(&check.stderr).trim()
         );
     }
+    install_file(&built, &l.bin, 0o755)?;
+    // Rename over the old file: a reload or restart reads the old file or the new one,
+    // never half of one.
+    std::fs::rename(&staged, &l.config)
+        .with_context(|| format!("installing {}", l.config.display()))?;
+    println!(
+        "deploy: checked and installed {} and {}",
+        l.bin.display(),
+        l.config.display()
+    );
 
     let upgrading = pins
         .join(format!("v{}", lb_common::maps::LAYOUT_VERSION))
@@ -269,7 +319,7 @@ pub fn deploy(
     }
 
     // No systemd (or a namespace): the daemon in the background with a log and pid file.
-    if let Some(old) = running_pid(&l.pid) {
+    if let Some(old) = running_pid(&l) {
         // SIGTERM leaves the dataplane forwarding; the new daemon adopts the pins and
         // swaps the program through the pinned link.
         // SAFETY: kill on the pid our own pid file names, checked alive just above.
@@ -347,6 +397,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
+Type=simple
 ExecStart={bin} run --config {cfg}
 ExecReload=/bin/kill -HUP $MAINPID
 # SIGTERM leaves the dataplane forwarding (pinned link); `mptcp-lb detach` removes it.
@@ -355,6 +406,14 @@ Restart=on-failure
 RestartSec=1
 # Health probes, control and metrics connections each take a descriptor.
 LimitNOFILE=65536
+# It writes only to the bpffs (pins), /run/mptcp-lb (its socket) and net sysctls.
+NoNewPrivileges=yes
+ProtectSystem=full
+ProtectHome=yes
+PrivateTmp=yes
+RuntimeDirectory=mptcp-lb
+RuntimeDirectoryMode=0700
+RuntimeDirectoryPreserve=yes
 
 [Install]
 WantedBy=multi-user.target
@@ -384,7 +443,7 @@ pub fn undeploy(args: &UndeployArgs) -> anyhow::Result<()> {
         std::fs::remove_file(unit_path(&l.instance))?;
         let _ = Command::new("systemctl").arg("daemon-reload").status();
     }
-    if let Some(pid) = running_pid(&l.pid) {
+    if let Some(pid) = running_pid(&l) {
         // SAFETY: kill on the pid our pid file names, checked alive.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let start = Instant::now();
@@ -410,4 +469,49 @@ pub fn undeploy(args: &UndeployArgs) -> anyhow::Result<()> {
         l.log.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(config: &Path, netns: Option<&str>) -> DeployArgs {
+        DeployArgs {
+            iface: "eth1".into(),
+            config: config.to_path_buf(),
+            mode: None,
+            prefix: PathBuf::from("/usr/local"),
+            netns: netns.map(String::from),
+            host: None,
+            binary: None,
+        }
+    }
+
+    /// Two instances in two namespaces never share pins or a control socket unless the
+    /// file says so; a file that names them keeps its choice.
+    #[test]
+    fn namespace_instances_get_their_own_pins_and_socket() {
+        let dir = std::env::temp_dir().join(format!("mlb-deploy-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let plain = dir.join("plain.toml");
+        std::fs::write(&plain, "[balancer]\ninterface = \"eth0\"\n").expect("write");
+        let (_, pins_a, sock_a) = prepared_config(&args(&plain, Some("a"))).expect("a");
+        let (_, pins_b, sock_b) = prepared_config(&args(&plain, Some("b"))).expect("b");
+        assert_eq!(pins_a, PathBuf::from("/sys/fs/bpf/mptcp-lb-a"));
+        assert_eq!(sock_a, PathBuf::from("/run/mptcp-lb/mptcp-lb-a.sock"));
+        assert_ne!(pins_a, pins_b);
+        assert_ne!(sock_a, sock_b);
+        let (text, pins, _) = prepared_config(&args(&plain, None)).expect("host");
+        assert_eq!(pins, PathBuf::from("/sys/fs/bpf/mptcp-lb"));
+        assert!(text.contains("interface = \"eth1\""), "{text}");
+        let named = dir.join("named.toml");
+        std::fs::write(
+            &named,
+            "[balancer]\ninterface = \"eth0\"\npin_path = \"/sys/fs/bpf/x\"\n",
+        )
+        .expect("write");
+        let (_, pins, _) = prepared_config(&args(&named, Some("a"))).expect("named");
+        assert_eq!(pins, PathBuf::from("/sys/fs/bpf/x"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
