@@ -87,9 +87,12 @@ pub fn to_backend(ctx: &XdpContext, pkt: &Packet, cfg: &Config, packet_len: usiz
         family,
     };
     // SAFETY: VipInfo is Copy and read at once.
-    let service = unsafe { VIPS.get(vip_key) }.copied()?.service;
+    let vip = unsafe { VIPS.get(vip_key) }.copied()?;
+    let service = vip.service;
+    // A join port's subflows belong to its backend and have no table entry.
     // SAFETY: Conn is Copy and read at once.
     let mut backend_id = match unsafe { CONNS.get(key) }.copied() {
+        _ if vip.flags & VIP_JOIN_PORT != 0 => vip.join_backend(),
         Some(c) if BACKENDS.get(c.backend).is_some_and(|b| b.flags != 0) => c.backend,
         _ => 0,
     };

@@ -66,7 +66,9 @@ pub enum JoinSteering {
     Token,
     /// By port: each backend has a `join_port`, sets the C bit and announces VIP:port
     /// (ADD_ADDR), and every node sends that port's packets to it with no state.
-    /// Version 0 clients and clients that ignore the C bit still use the token path.
+    /// Version 0 clients (no C bit) still use the token path; version 1 tokens are not
+    /// learned, so a version 1 client that ignores the C bit and joins the service port
+    /// meets `unknown_join_policy`.
     Port,
 }
 
@@ -156,21 +158,25 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// The join ports of this service as VIPs: each backend's port on every TCP VIP
-    /// address, with the backend's index in `backends`. Empty unless it steers by port.
+    /// address (once per address, however many ports the service has there), with the
+    /// backend's index in `backends`. Empty unless it steers by port.
     pub fn join_vips(&self) -> Vec<(Vip, usize)> {
         if self.join_steering != JoinSteering::Port {
             return Vec::new();
         }
-        let mut out = Vec::new();
+        let mut addrs: Vec<IpAddr> = Vec::new();
         for v in self.vips.iter().filter_map(|v| parse_vip(v).ok()) {
-            if v.proto != 6 {
-                continue;
+            if v.proto == 6 && !addrs.contains(&v.addr) {
+                addrs.push(v.addr);
             }
+        }
+        let mut out = Vec::new();
+        for addr in addrs {
             for (bi, be) in self.backends.iter().enumerate() {
                 if let Some(port) = be.join_port {
                     out.push((
                         Vip {
-                            addr: v.addr,
+                            addr,
                             port,
                             proto: 6,
                         },
@@ -580,6 +586,21 @@ impl Config {
                     return Err(bad(field, format!("{vip} is already {other}")));
                 }
             }
+        }
+        // The VIP map holds every service port, every join port and one marker per
+        // address: what does not fit there is refused here, not when the daemon applies it.
+        let addrs: HashSet<IpAddr> = vips.keys().map(|v| v.addr).collect();
+        let entries = vips.len() + addrs.len();
+        if entries > lb_common::maps::MAX_VIPS as usize {
+            return Err(bad(
+                "service".into(),
+                format!(
+                    "{} VIPs and join ports on {} addresses need {entries} VIP map entries, at most {}",
+                    vips.len(),
+                    addrs.len(),
+                    lb_common::maps::MAX_VIPS
+                ),
+            ));
         }
         if backends_total >= lb_common::maps::MAX_BACKENDS as usize {
             return Err(bad(

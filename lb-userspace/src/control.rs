@@ -71,6 +71,9 @@ pub struct Status {
     /// The operator drained this node (`mptcp-lb node drain`).
     #[serde(default)]
     pub node_drained: bool,
+    /// Times the announcer brought the table in line with what should be announced.
+    #[serde(default)]
+    pub announce_syncs: u64,
     pub services: Vec<ServiceStatus>,
 }
 

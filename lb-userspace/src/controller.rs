@@ -251,6 +251,10 @@ impl Controller {
                 "balancer.control_socket",
                 a.control_socket != b.control_socket,
             ),
+            (
+                "balancer.announce_route_table",
+                a.announce_route_table != b.announce_route_table,
+            ),
         ] {
             if changed {
                 bail!("{field} changed: it takes a restart (mptcp-lb run), not a reload");
@@ -716,8 +720,9 @@ impl Controller {
         self.node_drained
     }
 
-    /// The VIP addresses this node should announce: those of services with a backend
-    /// that takes new connections, unless the node is drained.
+    /// The VIP addresses this node should announce: those of services with a backend in
+    /// service (active or draining: a draining backend still serves its established
+    /// connections and their joins, which need the route), unless the node is drained.
     pub fn announceable(&self) -> std::collections::BTreeSet<IpAddr> {
         let mut out = std::collections::BTreeSet::new();
         if self.node_drained {
@@ -730,7 +735,7 @@ impl Controller {
             let usable = self
                 .backends
                 .values()
-                .any(|b| b.service_id == *sid && b.state & OUT_OF_RING == 0);
+                .any(|b| b.service_id == *sid && b.state & TOKENS_DROPPED == 0);
             if usable {
                 out.extend(
                     s.vips

@@ -56,6 +56,8 @@ struct Shared {
     announce: tokio::sync::Notify,
     /// VIP addresses announced now.
     announced: std::sync::Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// Completed announcement syncs.
+    announce_syncs: std::sync::atomic::AtomicU64,
 }
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -183,6 +185,7 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         checks: Mutex::new(HashMap::new()),
         announce: tokio::sync::Notify::new(),
         announced: std::sync::Mutex::new(Default::default()),
+        announce_syncs: std::sync::atomic::AtomicU64::new(0),
     });
     sync_checks(&shared).await;
 
@@ -263,6 +266,7 @@ async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     };
     if result.is_ok() {
         sync_checks(shared).await;
+        shared.announce.notify_one();
     }
     result
 }
@@ -467,13 +471,24 @@ async fn announce_loop(shared: Arc<Shared>, table: u32) {
                     tracing::warn!(vip = %a, table, "withdrawn");
                 }
                 *shared.announced.lock().expect("announced") = wanted;
+                shared
+                    .announce_syncs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 failing = false;
             }
-            Ok(Err(e)) if !failing => {
-                tracing::error!(error = %format!("{e:#}"), table, "announcing the VIPs");
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::error!(error = %format!("{e:#}"), table, "announcing the VIPs");
+                }
                 failing = true;
+                // What `status` shows is what the table holds, not what was wanted.
+                if let Ok(Ok(now)) =
+                    tokio::task::spawn_blocking(move || crate::announce::installed(table)).await
+                {
+                    *shared.announced.lock().expect("announced") = now;
+                }
             }
-            _ => {}
+            Err(_) => {}
         }
     }
 }
@@ -534,6 +549,9 @@ async fn status(shared: &Arc<Shared>) -> Status {
             .copied()
             .collect(),
         node_drained: ctl.node_drained(),
+        announce_syncs: shared
+            .announce_syncs
+            .load(std::sync::atomic::Ordering::Relaxed),
         services,
     }
 }

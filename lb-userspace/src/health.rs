@@ -42,7 +42,10 @@ impl From<String> for Failure {
 pub fn io_failure(what: &str, e: &std::io::Error) -> Failure {
     let msg = format!("{what}: {e}");
     match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Failure::Local(msg),
+        // Out of descriptors, buffers, memory, or local ports (EADDRNOTAVAIL on connect).
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
+            Failure::Local(msg)
+        }
         _ => Failure::Backend(msg),
     }
 }
@@ -293,7 +296,13 @@ mod tests {
     /// backend's: the daemon must not take a backend down for it.
     #[test]
     fn local_exhaustion_is_not_the_backends_failure() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
             let e = std::io::Error::from_raw_os_error(errno);
             assert!(
                 matches!(io_failure("connect", &e), Failure::Local(_)),

@@ -196,6 +196,8 @@ pub struct ServiceRow {
     pub id: u32,
     pub name: String,
     pub vips: Vec<String>,
+    /// `join_steering = "port"`: each backend's join port, `ADDR:PORT -> BACKEND`.
+    pub join_ports: Vec<String>,
     pub backends: BTreeMap<String, u32>,
     pub packets: u64,
     pub bytes: u64,
@@ -205,12 +207,24 @@ pub fn services(p: &Pinned) -> anyhow::Result<Vec<ServiceRow>> {
     let names = p.service_names()?;
     let backends = p.backend_list()?;
     let mut vips: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut joins: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for k in p.vips.keys() {
         let k = k?;
         if k.proto == 0 {
             continue;
         }
         let info = p.vips.get(&k, 0)?;
+        if info.flags & lb_common::maps::VIP_JOIN_PORT != 0 {
+            let id = info.join_backend();
+            let to = backends
+                .get(&id)
+                .map_or(format!("id {id}"), |(addr, _)| addr.to_string());
+            joins
+                .entry(info.service)
+                .or_default()
+                .push(format!("{} -> {to}", endpoint(k.addr, k.family, k.port)));
+            continue;
+        }
         vips.entry(info.service).or_default().push(format!(
             "{}/{}",
             endpoint(k.addr, k.family, k.port),
@@ -229,10 +243,13 @@ pub fn services(p: &Pinned) -> anyhow::Result<Vec<ServiceRow>> {
         let t = total(&p.service_stats.get(&id, 0)?);
         let mut v = vips.remove(&id).unwrap_or_default();
         v.sort();
+        let mut j = joins.remove(&id).unwrap_or_default();
+        j.sort();
         rows.push(ServiceRow {
             id,
             name,
             vips: v,
+            join_ports: j,
             backends: counts,
             packets: t.packets,
             bytes: t.bytes,

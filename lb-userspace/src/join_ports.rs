@@ -146,6 +146,9 @@ pub struct State {
     pub c_bit: bool,
     pub present: Vec<SocketAddr>,
     pub missing: Vec<SocketAddr>,
+    /// Ports announced on the plan's VIP addresses that the plan does not have (a join
+    /// port changed in the file): clients would join a port nobody steers here.
+    pub stale: Vec<(u32, SocketAddr)>,
     pub timestamps: bool,
 }
 
@@ -157,16 +160,27 @@ impl State {
                 .any(|e| e.signal && e.address == ep.ip() && e.port == Some(ep.port()))
         };
         let (present, missing) = plan.endpoints.iter().partition(|ep| has(ep));
+        let stale = eps
+            .iter()
+            .filter_map(|e| {
+                let ep = SocketAddr::new(e.address, e.port?);
+                (e.signal
+                    && plan.endpoints.iter().any(|p| p.ip() == e.address)
+                    && !plan.endpoints.contains(&ep))
+                .then_some((e.id, ep))
+            })
+            .collect();
         Ok(State {
             c_bit: read_sysctl(ALLOW_JOIN_INITIAL)? == "0",
             present,
             missing,
+            stale,
             timestamps: read_sysctl(TCP_TIMESTAMPS)? != "0",
         })
     }
 
     pub fn complete(&self) -> bool {
-        self.c_bit && self.missing.is_empty()
+        self.c_bit && self.missing.is_empty() && self.stale.is_empty()
     }
 
     /// Lines for the operator.
@@ -182,6 +196,11 @@ impl State {
         }
         for ep in &self.missing {
             out.push(format!("NOT announced {ep}"));
+        }
+        for (_, ep) in &self.stale {
+            out.push(format!(
+                "announced but not in the file {ep} (apply withdraws it)"
+            ));
         }
         if plan.has_ipv6() && self.timestamps {
             out.push(
@@ -214,6 +233,11 @@ pub fn apply(plan: &Plan, no_timestamps: bool) -> anyhow::Result<Vec<String>> {
             )
         })?;
         changed.push(format!("announced {ep}"));
+    }
+    // Ports the file no longer gives this backend: clients must not join them.
+    for (id, ep) in &before.stale {
+        ip(&["mptcp", "endpoint", "delete", "id", &id.to_string()])?;
+        changed.push(format!("withdrew {ep} (not in the file)"));
     }
     // The C bit last: clients are sent away from the service port only once the join
     // ports are announced.

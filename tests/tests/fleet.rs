@@ -198,6 +198,43 @@ fn every_join_reaches_its_backend_through_any_node() {
         assert!(status.status.success(), "{}", text(&status));
         println!("backend {i}: {}", text(&status).trim().replace('\n', "; "));
     }
+    // A join port changed in the file: status says so, apply withdraws the old one.
+    let be1 = &tb.backends[0];
+    let moved_file = format!("{file}.moved");
+    std::fs::write(
+        &moved_file,
+        std::fs::read_to_string(&file)
+            .expect("file")
+            .replace("join_port = 20001", "join_port = 20011"),
+    )
+    .expect("moved file");
+    let status = cli_in(be1, &["join-ports", "status", "--config", &moved_file]);
+    assert!(!status.status.success(), "{}", text(&status));
+    assert!(
+        text(&status).contains(&format!("announced but not in the file {VIP4}:20001")),
+        "{}",
+        text(&status)
+    );
+    let said = text(&cli_in(
+        be1,
+        &["join-ports", "apply", "--config", &moved_file],
+    ));
+    assert!(
+        said.contains(&format!("withdrew {VIP4}:20001 (not in the file)")),
+        "{said}"
+    );
+    assert!(said.contains(&format!("announced {VIP4}:20011")), "{said}");
+    let said = text(&cli_in(be1, &["join-ports", "apply", "--config", &file]));
+    assert!(
+        said.contains(&format!("withdrew {VIP4}:20011 (not in the file)")),
+        "{said}"
+    );
+    assert!(
+        cli_in(be1, &["join-ports", "status", "--config", &file])
+            .status
+            .success()
+    );
+    let _ = std::fs::remove_file(&moved_file);
     tb.client.run(&[
         "ip",
         "mptcp",
@@ -217,7 +254,7 @@ fn every_join_reaches_its_backend_through_any_node() {
         t.elapsed().as_millis()
     );
     rings_agree(&daemons, "at start");
-    announcements_follow_the_node(&tb, &daemons);
+    announcements_follow_the_node(&tb, &mut daemons);
     rings_agree(
         &daemons,
         "after node 3's backends were disabled and enabled again",
@@ -310,14 +347,18 @@ fn every_join_reaches_its_backend_through_any_node() {
     tb.wait_next_hops(n - 1, Duration::from_secs(10));
 }
 
-/// Node 4 joins the fleet while 60 connections are established: its daemon starts, its
+/// Established connections held open while a node leaves or joins (the issue's "200
+/// long transfers").
+const HELD: usize = 200;
+
+/// Node 4 joins the fleet while 200 connections are established: its daemon starts, its
 /// BGP speaker announces the VIPs, and the router spreads flows over four nodes, so a
 /// quarter of the established flows move to a node that has never seen them. Maglev
 /// gives them the same backend there, and joins go by port: none breaks.
 fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
     let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
     let mut new = None;
-    let errors = across(&tb.client, 60, true, alternate, || {
+    let errors = across(&tb.client, HELD, true, alternate, || {
         let k = NODES + 1;
         let tag = format!("flt{k}");
         new = Some(Daemon::start(
@@ -330,7 +371,7 @@ fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
     let d = new.expect("node 4 started");
     let moved = counter(&d, "conn_miss_non_syn");
     println!(
-        "node 4 joined under 60 connections: {} failed, {moved} established flows moved to it",
+        "node 4 joined under {HELD} connections: {} failed, {moved} established flows moved to it",
         errors.len()
     );
     assert!(
@@ -349,7 +390,7 @@ fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
     d
 }
 
-/// Node 2 leaves while 60 connections are established: the router's route loses it (as
+/// Node 2 leaves while 200 connections are established: the router's route loses it (as
 /// a BGP withdrawal or a dead link would do) and its flows move to the other nodes,
 /// which have never seen them. Maglev on the same configuration picks the same backend
 /// there, and joins go by port: every connection completes with both subflows.
@@ -359,7 +400,7 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
         .iter()
         .map(|d| counter(d, "conn_miss_non_syn"))
         .sum();
-    let errors = across(&tb.client, 60, true, alternate, || {
+    let errors = across(&tb.client, HELD, true, alternate, || {
         // Node 2 dies: its BGP speaker with it (the router withdraws its routes), and
         // its link.
         tb.kill_node_bgp(2);
@@ -372,7 +413,7 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
         .sum::<u64>()
         - misses_before;
     println!(
-        "node 2 left under 60 connections: {} failed, {moved} established flows moved to the other nodes",
+        "node 2 left under {HELD} connections: {} failed, {moved} established flows moved to the other nodes",
         errors.len()
     );
     assert!(
@@ -397,16 +438,31 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
 /// What a node announces follows what it can serve: an operator's node drain withdraws
 /// its VIPs and undrain announces them again; a node whose service has no usable
 /// backend left (all disabled) withdraws it. Read on the router, as BGP installed it.
-fn announcements_follow_the_node(tb: &Testbed, daemons: &[Daemon]) {
+fn announcements_follow_the_node(tb: &Testbed, daemons: &mut [Daemon]) {
     let ok = |d: &Daemon, args: &[&str]| {
         let out = d.cli(args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));
         text(&out)
     };
-    assert!(ok(&daemons[0], &["node", "drain"]).contains("withdrawn"));
+    ok(&daemons[0], &["node", "drain"]);
     tb.wait_next_hops(NODES - 1, Duration::from_secs(10));
+    // The drain is kept across a restart of the daemon: the node stays withdrawn.
+    assert!(daemons[0].term(), "daemon 1 exits cleanly");
+    daemons[0].spawn();
+    mptcp_lb_tests::netns::wait_until(
+        Duration::from_secs(10),
+        "the restarted daemon's first announcement sync",
+        || (daemons[0].status()["announce_syncs"].as_u64() >= Some(1)).then_some(()),
+    );
     let status = ok(&daemons[0], &["status"]);
     assert!(status.contains("node DRAINED: nothing"), "{status}");
+    assert!(
+        tb.node(1)
+            .try_run(&["ip", "route", "show", "table", "200"])
+            .stdout
+            .is_empty(),
+        "a restart announced a drained node"
+    );
     ok(&daemons[0], &["node", "undrain"]);
     tb.wait_next_hops(NODES, Duration::from_secs(10));
     let status = ok(&daemons[0], &["status"]);

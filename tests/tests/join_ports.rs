@@ -48,7 +48,7 @@ fn counter(dp: &Dataplane, c: Counter) -> u64 {
 #[test]
 fn every_packet_of_a_join_port_goes_to_its_backend_without_state() {
     let test = "every_packet_of_a_join_port_goes_to_its_backend_without_state";
-    with_balancer(test, "jport", |mut dp, _ring, link| {
+    with_balancer(test, "jport", |mut dp, ring, link| {
         steer_by_port(&mut dp);
         let ifindex = link.ifindex;
         let client = [198, 18, 0, 7];
@@ -81,6 +81,27 @@ fn every_packet_of_a_join_port_goes_to_its_backend_without_state() {
         // The subflow's later packets follow it, on this node or any other.
         let (v, out) = run_once(dp.program(), &pkt(20006, 40006, ACK, &[]), ifindex);
         assert_eq!((v, outer_dst4(&out)), (XDP_TX, MAGLEV_BES[1]));
+        // Path MTU: a "fragmentation needed" answering backend 6's reply on its join
+        // subflow goes to backend 6 (no table entry to find it by).
+        // A subflow Maglev would place elsewhere, so only the join port can be right.
+        let sport = (41100u16..)
+            .find(|p| {
+                let k = key4(client, vip4(6), *p, 20006, 6);
+                ring[(lb_common::hash::flow_hash(&k, SEED) % RING) as usize] != 6
+            })
+            .expect("a port");
+        let reply = ip_of(&tcp4(vip4(6), client, 20006, sport, ACK, &[], &[0; 64]));
+        let (v, out) = run_once(
+            dp.program(),
+            &icmp4_frag_needed(OTHER4, vip4(6), 1400, &reply),
+            ifindex,
+        );
+        assert_eq!(
+            (v, outer_dst4(&out)),
+            (XDP_TX, MAGLEV_BES[1]),
+            "ICMP to the join port's backend"
+        );
+        assert_eq!(counter(&dp, Counter::IcmpToBackend), 1);
         // Not a join: a new connection or a scan to a join port is dropped.
         assert_eq!(
             run_once(dp.program(), &pkt(20006, 41000, SYN, &[]), ifindex).0,

@@ -139,9 +139,6 @@ fn install_file(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pid in `pid_file` when that process is this instance's daemon: `l.bin run
-/// --config l.config`, read from /proc. A pid file that outlived its daemon (a crash, a
-/// reboot) may name an unrelated process by now, which must not get our SIGTERM.
 /// Writes `text` to `path` and flushes it to disk.
 fn write_synced(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
@@ -152,6 +149,9 @@ fn write_synced(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pid in the pid file when that process is this instance's daemon: `l.bin run
+/// --config l.config`, read from /proc. A pid file that outlived its daemon (a crash, a
+/// reboot) may name an unrelated process by now, which must not get our SIGTERM.
 fn running_pid(l: &Layout) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(&l.pid).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
