@@ -546,3 +546,88 @@ fn negative_control(tb: &Testbed, servers: &[Server], daemons: &mut [Daemon], fi
     );
     assert!(dropped > 0);
 }
+
+/// When the last line of `log` that contains `what` was written, in seconds of the day
+/// (the daemon's log lines start with an RFC 3339 UTC time).
+fn last_logged(log: &str, what: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains(what))?;
+    let time = line.split('T').nth(1)?.split('Z').next()?;
+    let mut parts = time.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Each node checks the backends on its own: when a backend fails or recovers, the
+/// nodes' verdicts (and so their Maglev tables) differ for a while. Measured from the
+/// daemons' own logs over three failures and recoveries: the spread between the first
+/// and the last node stays within one check interval plus the probe's timeout, as the
+/// design says (each node's checks run on their own phase).
+#[test]
+fn the_nodes_health_verdicts_differ_for_at_most_an_interval() {
+    if !privileged("the_nodes_health_verdicts_differ_for_at_most_an_interval") {
+        return;
+    }
+    const INTERVAL_MS: u64 = 200;
+    const TIMEOUT_MS: u64 = 150;
+    let tb = Testbed::fleet("mlb-fhc", NODES, 2);
+    let _s1 = serve(&tb.backends[0]);
+    let mut s2 = Some(serve(&tb.backends[1]));
+    let health = format!(
+        "{{ kind = \"tcp\", port = {}, interval_ms = {INTERVAL_MS}, timeout_ms = {TIMEOUT_MS}, rise = 2, fall = 3 }}",
+        mptcp_lb_tests::testbed::HEALTH_PORT
+    );
+    let daemons: Vec<Daemon> = (1..=NODES)
+        .map(|k| {
+            let tag = format!("fhc{k}");
+            Daemon::start(
+                tb.node(k),
+                &tag,
+                &Testbed::node_config(&tag, k, &Testbed::service_toml("web", &[1, 2], &health)),
+            )
+        })
+        .collect();
+    let b2 = backend_addr4(2).to_string();
+    let wait_all = |state: &str| {
+        for d in &daemons {
+            d.wait_state("web", &b2, state, Duration::from_secs(10));
+        }
+    };
+    wait_all("active");
+    tb.wait_next_hops(NODES, Duration::from_secs(20));
+    let spread = |what: &str| {
+        let times: Vec<f64> = daemons
+            .iter()
+            .map(|d| {
+                last_logged(&d.log(), &format!("{what} service=web backend={b2}"))
+                    .unwrap_or_else(|| panic!("no {what:?} in:\n{}", d.log()))
+            })
+            .collect();
+        let max = times.iter().copied().fold(f64::MIN, f64::max);
+        let min = times.iter().copied().fold(f64::MAX, f64::min);
+        ((max - min) * 1000.0).round() as u64
+    };
+    let mut windows = Vec::new();
+    for _ in 0..3 {
+        drop(s2.take());
+        wait_all("down");
+        let down = spread("backend down");
+        s2 = Some(serve(&tb.backends[1]));
+        wait_all("active");
+        let up = spread("backend up");
+        windows.push((down, up));
+    }
+    println!(
+        "nodes disagreeing after a failure / a recovery (ms, 3 nodes, interval {INTERVAL_MS} ms): {windows:?}"
+    );
+    for (down, up) in windows {
+        assert!(
+            down <= INTERVAL_MS + TIMEOUT_MS,
+            "down verdicts {down} ms apart"
+        );
+        assert!(up <= INTERVAL_MS + TIMEOUT_MS, "up verdicts {up} ms apart");
+    }
+}
