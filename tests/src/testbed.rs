@@ -82,6 +82,16 @@ impl Testbed {
     /// protocol and ports: policy 1 would reuse the socket's hash on veth, which Linux
     /// redraws on retransmission timeouts).
     pub fn fleet(prefix: &str, n_nodes: usize, n_backends: usize) -> Testbed {
+        Testbed::fleet_with(prefix, n_nodes, n_backends, true)
+    }
+
+    /// The fleet with BGP on the router only: the nodes' BGP speakers are left to
+    /// whoever sets the nodes up (`cargo xtask deploy --bgp-neighbor`).
+    pub fn fleet_without_node_bgp(prefix: &str, n_nodes: usize, n_backends: usize) -> Testbed {
+        Testbed::fleet_with(prefix, n_nodes, n_backends, false)
+    }
+
+    fn fleet_with(prefix: &str, n_nodes: usize, n_backends: usize, node_bgp: bool) -> Testbed {
         assert!((1..=8).contains(&n_nodes), "1 to 8 balancer nodes");
         let bpffs = format!("/sys/fs/bpf/{prefix}");
         let _ = std::fs::remove_dir_all(&bpffs);
@@ -212,7 +222,7 @@ impl Testbed {
             bgp_dir,
         };
         if n_nodes > 1 {
-            tb.start_bgp();
+            tb.start_bgp(node_bgp);
         }
         for i in 1..=n_backends {
             tb.add_backend(i);
@@ -233,7 +243,7 @@ impl Testbed {
     /// BGP, as fleets run it: BIRD on the router (AS 65000) with one session per node and
     /// family, installing ECMP routes (`merge paths`); BIRD on each node (AS 65001)
     /// announcing what the node's daemon puts in routing table [`ANNOUNCE_TABLE`].
-    fn start_bgp(&self) {
+    fn start_bgp(&self, nodes_too: bool) {
         let _ = std::fs::remove_dir_all(&self.bgp_dir);
         std::fs::create_dir_all(&self.bgp_dir).expect("bgp dir");
         let timers = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1; error wait time 1, 2;";
@@ -253,7 +263,7 @@ impl Testbed {
         let mut procs = self.bgp.lock().expect("bgp");
         procs.push(Some(self.bird(&self.router, "router", &router)));
         for k in 1..=self.nodes() {
-            procs.push(Some(self.start_node_bird(k)));
+            procs.push(nodes_too.then(|| self.start_node_bird(k)));
         }
     }
 

@@ -15,7 +15,7 @@ use mptcp_lb_tests::{
     daemon::binary,
     netns::namespaces,
     privileged,
-    testbed::{Testbed, alternate, run_clients, serve},
+    testbed::{Testbed, VIP4, alternate, run_clients, serve},
 };
 
 fn lab(args: &[&str]) -> (bool, String) {
@@ -353,4 +353,153 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
     let _ = bystander.wait();
     let _ = std::fs::remove_dir_all(prefix);
     let _ = std::fs::remove_file(&config);
+}
+
+fn xtask_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(xtask())
+        .args(args)
+        .output()
+        .expect("run xtask");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A fleet set up the way an operator would: `cargo xtask deploy --bgp-neighbor` on two
+/// nodes (daemon and BIRD each; the router's BGP is the testbed's), `cargo xtask
+/// deploy-backend` on the backends (decapsulation, C bit, join ports). The router
+/// learns both nodes, 40 MPTCP connections keep both subflows on their backend, and
+/// undeploying a node withdraws it.
+#[test]
+fn deploy_a_fleet_node_with_bgp_and_the_backends() {
+    if !privileged("deploy_a_fleet_node_with_bgp_and_the_backends") {
+        return;
+    }
+    let tb = Testbed::fleet_without_node_bgp("mlb-fdp", 2, 2);
+    let servers: Vec<_> = tb.backends.iter().map(serve).collect();
+    for s in &servers {
+        s.expect_joins
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let prefix = "/tmp/mlb-fleet-deploy";
+    let _ = std::fs::remove_dir_all(prefix);
+    std::fs::create_dir_all(prefix).expect("prefix");
+    let mut service = Testbed::service_toml("web", &[1, 2], "").replacen(
+        "[[service.backend]]",
+        "join_steering = \"port\"\n[[service.backend]]",
+        1,
+    );
+    for i in 1..=2 {
+        let a = format!(
+            "address = \"{}\"\n",
+            mptcp_lb_tests::testbed::backend_addr4(i)
+        );
+        service = service.replace(&a, &format!("{a}join_port = {}\n", 20000 + i));
+    }
+    let bin = binary();
+    let bin = bin.to_str().expect("path");
+    for k in 1..=2 {
+        let tag = format!("fdp{k}");
+        let file = format!("{prefix}/node{k}.toml");
+        std::fs::write(&file, Testbed::node_config(&tag, k, &service)).expect("file");
+        let (a4, a6) = mptcp_lb_tests::testbed::node_addrs(k);
+        let (g4, g6) = (
+            std::net::Ipv4Addr::from(u32::from(a4) - 1).to_string(),
+            std::net::Ipv6Addr::from(u128::from(a6) - 1).to_string(),
+        );
+        let ns = tb.node(k).name().to_string();
+        let (ok, out) = xtask_run(&[
+            "deploy",
+            "--iface",
+            "lb0",
+            "--mode",
+            "generic",
+            "--netns",
+            &ns,
+            "--config",
+            &file,
+            "--prefix",
+            prefix,
+            "--binary",
+            bin,
+            "--bgp-neighbor",
+            &g4,
+            "--bgp-neighbor",
+            &g6,
+        ]);
+        println!("{out}");
+        assert!(ok, "node {k}: {out}");
+        assert!(
+            out.contains("BGP speaker (BIRD) started: AS 65001"),
+            "{out}"
+        );
+    }
+    tb.wait_next_hops(2, std::time::Duration::from_secs(30));
+
+    // The backends: the testbed's own decapsulation goes (its pins removed), so the
+    // traffic below depends on what deploy-backend attached.
+    for (i, be) in tb.backends.iter().enumerate() {
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/mlb-fdp/be{}", i + 1));
+        let (ok, out) = xtask_run(&[
+            "deploy-backend",
+            "--iface",
+            "eth0",
+            "--netns",
+            be.name(),
+            "--config",
+            &format!("{prefix}/node1.toml"),
+            "--prefix",
+            &format!("{prefix}/be{}", i + 1),
+            "--binary",
+            bin,
+        ]);
+        println!("{out}");
+        assert!(ok, "backend {}: {out}", i + 1);
+        assert!(out.contains("decapsulation attached to eth0"), "{out}");
+        assert!(
+            out.contains(&format!("announced {VIP4}:{}", 20001 + i)),
+            "{out}"
+        );
+    }
+    tb.client.run(&[
+        "ip", "mptcp", "endpoint", "add", "10.1.2.2", "dev", "cell0", "subflow", "fullmesh",
+    ]);
+    let errors = run_clients(&tb.client, 40, 8, true, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    for (i, s) in servers.iter().enumerate() {
+        let recs = s.records.lock().expect("records").clone();
+        assert!(!recs.is_empty(), "backend {} served nothing", i + 1);
+        for r in recs {
+            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
+        }
+    }
+
+    // Undeploy node 2: its daemon, dataplane, BIRD and announcements go.
+    let ns2 = tb.node(2).name().to_string();
+    let (ok, out) = xtask_run(&["undeploy", "--netns", &ns2, "--prefix", prefix]);
+    println!("{out}");
+    assert!(ok, "{out}");
+    tb.wait_next_hops(1, std::time::Duration::from_secs(15));
+    let ns1 = tb.node(1).name().to_string();
+    let (ok, out) = xtask_run(&["undeploy", "--netns", &ns1, "--prefix", prefix]);
+    assert!(ok, "{out}");
+    for (i, be) in tb.backends.iter().enumerate() {
+        let (ok, out) = xtask_run(&[
+            "undeploy-backend",
+            "--iface",
+            "eth0",
+            "--netns",
+            be.name(),
+            "--prefix",
+            &format!("{prefix}/be{}", i + 1),
+        ]);
+        println!("{out}");
+        assert!(ok, "{out}");
+        assert!(out.contains("C bit cleared"), "{out}");
+        assert!(be.xdp_prog("eth0").is_none(), "decapsulation detached");
+    }
+    let _ = std::fs::remove_dir_all(prefix);
 }

@@ -34,6 +34,229 @@ pub struct DeployArgs {
     /// Install this binary instead of building a release one.
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// A node of a fleet: announce its VIPs by BGP (BIRD, Debian's bird2) to this
+    /// neighbour; repeat for several, IPv4 and IPv6 alike. Sets
+    /// `balancer.announce_route_table` (200) unless the file does.
+    #[arg(long = "bgp-neighbor")]
+    pub bgp_neighbors: Vec<std::net::IpAddr>,
+    /// This node's AS number.
+    #[arg(long, default_value_t = 65001)]
+    pub bgp_as: u32,
+    /// The neighbours' AS number.
+    #[arg(long, default_value_t = 65000)]
+    pub bgp_neighbor_as: u32,
+    /// BGP router id (default: `balancer.source_v4`).
+    #[arg(long)]
+    pub bgp_router_id: Option<std::net::Ipv4Addr>,
+}
+
+/// `deploy-backend`: the backends' side of mptcp-lb.
+#[derive(clap::Args)]
+pub struct BackendArgs {
+    /// The balancers' configuration file (the same on every node); installed as
+    /// `<prefix>/etc/mptcp-lb/backend.toml`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Interface the tunnels arrive on (the decapsulation program attaches here).
+    #[arg(long)]
+    pub iface: String,
+    /// This backend's address in the file (default: the one this host has).
+    #[arg(long)]
+    pub backend: Option<std::net::IpAddr>,
+    #[arg(long, default_value = "/usr/local")]
+    pub prefix: PathBuf,
+    /// Deploy into this network namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Install this binary instead of building a release one.
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// Turn TCP timestamps off so that IPv6 join ports can be announced (see
+    /// `mptcp-lb join-ports`).
+    #[arg(long)]
+    pub no_timestamps: bool,
+}
+
+#[derive(clap::Args)]
+pub struct UndeployBackendArgs {
+    #[arg(long)]
+    pub iface: String,
+    #[arg(long, default_value = "/usr/local")]
+    pub prefix: PathBuf,
+    #[arg(long)]
+    pub netns: Option<String>,
+}
+
+fn run_checked(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{what}: {}", text.trim());
+    }
+    Ok(text)
+}
+
+/// Backends in namespaces share the host's bpffs, where the decapsulation pins its link
+/// by interface name: each namespace gets a directory of its own.
+fn decap_bpffs(ns: Option<&str>) -> Vec<String> {
+    ns.map(|ns| {
+        vec![
+            "--bpffs".to_string(),
+            format!("/sys/fs/bpf/mptcp-lb-backend-{ns}"),
+        ]
+    })
+    .unwrap_or_default()
+}
+
+/// Whether the file steers some service's joins by port.
+fn steers_by_port(config: &str) -> bool {
+    config.parse::<toml::Table>().is_ok_and(|d| {
+        d.get("service")
+            .and_then(toml::Value::as_array)
+            .is_some_and(|svcs| {
+                svcs.iter()
+                    .any(|s| s.get("join_steering").and_then(toml::Value::as_str) == Some("port"))
+            })
+    })
+}
+
+/// Installs the binary and the file, strips the tunnels (`decap attach`) and, where the
+/// file steers joins by port, sets the C bit and announces the join ports
+/// (`join-ports apply`); under systemd, a oneshot unit redoes both at boot.
+pub fn deploy_backend(
+    args: &BackendArgs,
+    build: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<()> {
+    let bin = args.prefix.join("bin/mptcp-lb");
+    let config = args.prefix.join("etc/mptcp-lb/backend.toml");
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let built = match &args.binary {
+        Some(b) => b.clone(),
+        None => build()?,
+    };
+    std::fs::create_dir_all(config.parent().context("dir")?)?;
+    let staged = config.with_extension("toml.new");
+    write_synced(&staged, &text)?;
+    let mut check = Command::new(&built);
+    check
+        .args(["check", "--no-host-checks", "--config"])
+        .arg(&staged);
+    if let Err(e) = run_checked(check, "mptcp-lb check") {
+        let _ = std::fs::remove_file(&staged);
+        bail!("the configuration is refused; nothing was installed: {e:#}");
+    }
+    install_file(&built, &bin, 0o755)?;
+    std::fs::rename(&staged, &config)?;
+    println!(
+        "deploy-backend: checked and installed {} and {}",
+        bin.display(),
+        config.display()
+    );
+    let ns = args.netns.as_deref();
+    let mut decap = in_netns(ns, &bin);
+    decap.args(["decap", "attach", "--iface", &args.iface]);
+    decap.args(decap_bpffs(ns));
+    match run_checked(decap, "mptcp-lb decap attach") {
+        Ok(said) => print!("deploy-backend: {said}"),
+        Err(e) if e.to_string().contains("already attached") => {
+            println!(
+                "deploy-backend: decapsulation already attached to {}",
+                args.iface
+            )
+        }
+        Err(e) => return Err(e),
+    }
+    if steers_by_port(&text) {
+        let mut apply = in_netns(ns, &bin);
+        apply.args(["join-ports", "apply", "--config"]).arg(&config);
+        if let Some(b) = args.backend {
+            apply.arg("--backend").arg(b.to_string());
+        }
+        if args.no_timestamps {
+            apply.arg("--no-timestamps");
+        }
+        for line in run_checked(apply, "mptcp-lb join-ports apply")?.lines() {
+            println!("deploy-backend: {line}");
+        }
+    } else {
+        println!(
+            "deploy-backend: no service of the file steers joins by port: no C bit, no join ports"
+        );
+    }
+    if systemd() && ns.is_none() {
+        // At boot, the kernel has forgotten both: a oneshot unit redoes them.
+        let unit = format!(
+            "[Unit]\nDescription=mptcp-lb backend side: tunnel decapsulation{jp}\nAfter=network-online.target\nWants=network-online.target\n\n\
+             [Service]\nType=oneshot\nRemainAfterExit=yes\n\
+             ExecStartPre=-{bin} decap detach --iface {iface}\n\
+             ExecStart={bin} decap attach --iface {iface}\n{apply}\
+             ExecStop={bin} join-ports undo --config {cfg}\nExecStop={bin} decap detach --iface {iface}\n\n\
+             [Install]\nWantedBy=multi-user.target\n",
+            jp = if steers_by_port(&text) {
+                " and join ports"
+            } else {
+                ""
+            },
+            bin = bin.display(),
+            iface = args.iface,
+            cfg = config.display(),
+            apply = if steers_by_port(&text) {
+                format!(
+                    "ExecStart={} join-ports apply --config {}\n",
+                    bin.display(),
+                    config.display()
+                )
+            } else {
+                String::new()
+            },
+        );
+        std::fs::write(unit_path("mptcp-lb-backend"), unit)?;
+        for a in [vec!["daemon-reload"], vec!["enable", "mptcp-lb-backend"]] {
+            if !Command::new("systemctl").args(&a).status()?.success() {
+                bail!("systemctl {} failed", a.join(" "));
+            }
+        }
+        println!("deploy-backend: systemd unit mptcp-lb-backend enabled (redoes this at boot)");
+    }
+    Ok(())
+}
+
+/// Withdraws the join ports, clears the C bit and detaches the decapsulation.
+pub fn undeploy_backend(args: &UndeployBackendArgs) -> anyhow::Result<()> {
+    let bin = args.prefix.join("bin/mptcp-lb");
+    let config = args.prefix.join("etc/mptcp-lb/backend.toml");
+    let ns = args.netns.as_deref();
+    if systemd() && ns.is_none() && unit_path("mptcp-lb-backend").exists() {
+        let _ = Command::new("systemctl")
+            .args(["disable", "mptcp-lb-backend"])
+            .status();
+        std::fs::remove_file(unit_path("mptcp-lb-backend"))?;
+        let _ = Command::new("systemctl").arg("daemon-reload").status();
+    }
+    if config.exists() {
+        let mut undo = in_netns(ns, &bin);
+        undo.args(["join-ports", "undo", "--config"]).arg(&config);
+        for line in run_checked(undo, "mptcp-lb join-ports undo")?.lines() {
+            println!("undeploy-backend: {line}");
+        }
+    }
+    let mut detach = in_netns(ns, &bin);
+    detach.args(["decap", "detach", "--iface", &args.iface]);
+    detach.args(decap_bpffs(ns));
+    match run_checked(detach, "mptcp-lb decap detach") {
+        Ok(said) => print!("undeploy-backend: {said}"),
+        Err(e) => println!("undeploy-backend: {e:#}"),
+    }
+    if let Some(dir) = decap_bpffs(ns).get(1) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(&config);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -50,6 +273,11 @@ struct Layout {
     config: PathBuf,
     log: PathBuf,
     pid: PathBuf,
+    /// The node's BGP speaker: its configuration, pid file, control socket and log.
+    bird_config: PathBuf,
+    bird_pid: PathBuf,
+    bird_socket: PathBuf,
+    bird_log: PathBuf,
 }
 
 fn layout(prefix: &Path, netns: Option<&str>) -> Layout {
@@ -59,7 +287,148 @@ fn layout(prefix: &Path, netns: Option<&str>) -> Layout {
         config: prefix.join(format!("etc/mptcp-lb/{instance}.toml")),
         log: prefix.join(format!("var/log/mptcp-lb/{instance}.log")),
         pid: prefix.join(format!("var/run/mptcp-lb/{instance}.pid")),
+        bird_config: prefix.join(format!("etc/mptcp-lb/{instance}-bird.conf")),
+        bird_pid: prefix.join(format!("var/run/mptcp-lb/{instance}-bird.pid")),
+        bird_socket: prefix.join(format!("var/run/mptcp-lb/{instance}-bird.ctl")),
+        bird_log: prefix.join(format!("var/log/mptcp-lb/{instance}-bird.log")),
         instance,
+    }
+}
+
+/// The routing table a deployed fleet node announces from, unless its file names one.
+const DEFAULT_ANNOUNCE_TABLE: u32 = 200;
+
+/// The BIRD configuration of a fleet node: read the daemon's announcement table and
+/// export it to every neighbour over BGP.
+fn bird_config(args: &DeployArgs, l: &Layout, config: &str) -> anyhow::Result<String> {
+    let doc: toml::Table = config.parse()?;
+    let b = doc.get("balancer").context("no [balancer] section")?;
+    let table = b
+        .get("announce_route_table")
+        .and_then(toml::Value::as_integer)
+        .context("balancer.announce_route_table is not set")?;
+    let router_id = match args.bgp_router_id {
+        Some(id) => id.to_string(),
+        None => b
+            .get("source_v4")
+            .and_then(toml::Value::as_str)
+            .map(String::from)
+            .context("no BGP router id: pass --bgp-router-id, or set balancer.source_v4")?,
+    };
+    let mut out = format!(
+        "# Written by `cargo xtask deploy` for {i}: BGP announcements of what mptcp-lb keeps\n\
+         # in routing table {table} (one route per VIP address it serves).\n\
+         router id {router_id};\n\
+         log \"{log}\" all;\n\
+         protocol device {{ scan time 10; }}\n\
+         protocol kernel {{ kernel table {table}; learn; scan time 10; ipv4 {{ import all; export none; }}; }}\n\
+         protocol kernel {{ kernel table {table}; learn; scan time 10; ipv6 {{ import all; export none; }}; }}\n",
+        i = l.instance,
+        log = l.bird_log.display()
+    );
+    for (n, peer) in args.bgp_neighbors.iter().enumerate() {
+        let family = if peer.is_ipv4() { "ipv4" } else { "ipv6" };
+        out.push_str(&format!(
+            "protocol bgp peer{n} {{ local as {}; neighbor {peer} as {}; connect delay time 1; {family} {{ import none; export all; }}; }}\n",
+            args.bgp_as, args.bgp_neighbor_as
+        ));
+    }
+    Ok(out)
+}
+
+/// The pid in `pid_file` when it runs `program` with `config` among its arguments.
+fn pid_running(pid_file: &Path, program: &str, config: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ok = args
+        .first()
+        .is_some_and(|a| a.ends_with(program.as_bytes()))
+        && args.contains(&config.as_os_str().as_encoded_bytes());
+    ok.then_some(pid)
+}
+
+/// Writes the node's BIRD configuration, checks it, and starts BIRD or has the running
+/// one re-read it.
+fn deploy_bird(args: &DeployArgs, l: &Layout, config: &str) -> anyhow::Result<()> {
+    let text = bird_config(args, l, config)?;
+    for p in [&l.bird_config, &l.bird_log, &l.bird_pid] {
+        std::fs::create_dir_all(p.parent().context("dir")?)?;
+    }
+    let staged = l.bird_config.with_extension("conf.new");
+    write_synced(&staged, &text)?;
+    let check = Command::new("bird")
+        .args(["-p", "-c"])
+        .arg(&staged)
+        .output()
+        .context("running bird -p (is bird2 installed? cargo xtask setup installs it)")?;
+    if !check.status.success() {
+        let _ = std::fs::remove_file(&staged);
+        bail!(
+            "BIRD refused the generated configuration: {}",
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+    }
+    std::fs::rename(&staged, &l.bird_config)?;
+    if pid_running(&l.bird_pid, "bird", &l.bird_config).is_some() {
+        let out = in_netns(args.netns.as_deref(), Path::new("birdc"))
+            .arg("-s")
+            .arg(&l.bird_socket)
+            .arg("configure")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "birdc configure: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        println!(
+            "deploy: BGP speaker (BIRD) re-read {}",
+            l.bird_config.display()
+        );
+        return Ok(());
+    }
+    // BIRD daemonizes itself once its configuration is read and writes its pid file.
+    let out = in_netns(args.netns.as_deref(), Path::new("bird"))
+        .arg("-c")
+        .arg(&l.bird_config)
+        .arg("-s")
+        .arg(&l.bird_socket)
+        .arg("-P")
+        .arg(&l.bird_pid)
+        .stdin(Stdio::null())
+        .output()
+        .context("starting bird")?;
+    if !out.status.success() {
+        bail!("bird: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    println!(
+        "deploy: BGP speaker (BIRD) started: AS {} to {} (config {}, log {})",
+        args.bgp_as,
+        args.bgp_neighbors
+            .iter()
+            .map(|n| format!("{n} (AS {})", args.bgp_neighbor_as))
+            .collect::<Vec<_>>()
+            .join(", "),
+        l.bird_config.display(),
+        l.bird_log.display()
+    );
+    Ok(())
+}
+
+/// Stops the node's BIRD started by `deploy`, if any.
+fn undeploy_bird(l: &Layout) {
+    if let Some(pid) = pid_running(&l.bird_pid, "bird", &l.bird_config) {
+        // SAFETY: kill on a pid whose command line is our BIRD with our configuration.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        println!("undeploy: BGP speaker (BIRD, pid {pid}) stopped");
+    }
+    for f in [&l.bird_config, &l.bird_pid] {
+        let _ = std::fs::remove_file(f);
     }
 }
 
@@ -85,6 +454,12 @@ fn prepared_config(args: &DeployArgs) -> anyhow::Result<(String, PathBuf, PathBu
     balancer.insert("interface".into(), toml::Value::String(args.iface.clone()));
     if let Some(m) = &args.mode {
         balancer.insert("xdp_mode".into(), toml::Value::String(m.clone()));
+    }
+    if !args.bgp_neighbors.is_empty() && !balancer.contains_key("announce_route_table") {
+        balancer.insert(
+            "announce_route_table".into(),
+            toml::Value::Integer(i64::from(DEFAULT_ANNOUNCE_TABLE)),
+        );
     }
     // Instances in namespaces share the host's bpffs and /run: unless the file says
     // otherwise, each gets its own pin path and control socket, so that a second
@@ -315,6 +690,9 @@ pub fn deploy(
         println!("deploy: systemd unit {} (re)started", l.instance);
         let v = wait_ready(&l, None, &socket, None)?;
         report(&v, upgrading);
+        if !args.bgp_neighbors.is_empty() {
+            deploy_bird(args, &l, &installed_text(&l)?)?;
+        }
         return Ok(());
     }
 
@@ -372,7 +750,14 @@ pub fn deploy(
     );
     let v = wait_ready(&l, args.netns.as_deref(), &socket, Some(pid))?;
     report(&v, upgrading);
+    if !args.bgp_neighbors.is_empty() {
+        deploy_bird(args, &l, &installed_text(&l)?)?;
+    }
     Ok(())
+}
+
+fn installed_text(l: &Layout) -> anyhow::Result<String> {
+    std::fs::read_to_string(&l.config).with_context(|| format!("reading {}", l.config.display()))
 }
 
 fn report(v: &serde_json::Value, upgrading: bool) {
@@ -452,8 +837,9 @@ pub fn undeploy(args: &UndeployArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    undeploy_bird(&l);
     if l.bin.exists() {
-        let out = Command::new(&l.bin)
+        let out = in_netns(args.netns.as_deref(), &l.bin)
             .args(["detach", "--pin-path"])
             .arg(&pins)
             .output()?;
@@ -484,6 +870,10 @@ mod tests {
             netns: netns.map(String::from),
             host: None,
             binary: None,
+            bgp_neighbors: Vec::new(),
+            bgp_as: 65001,
+            bgp_neighbor_as: 65000,
+            bgp_router_id: None,
         }
     }
 
@@ -512,6 +902,45 @@ mod tests {
         .expect("write");
         let (_, pins, _) = prepared_config(&args(&named, Some("a"))).expect("named");
         assert_eq!(pins, PathBuf::from("/sys/fs/bpf/x"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fleet node's BIRD configuration: the daemon's table read, one session per
+    /// neighbour in its own family, the router id from source_v4.
+    #[test]
+    fn a_fleet_node_gets_a_bird_configuration_for_its_neighbours() {
+        let dir = std::env::temp_dir().join(format!("mlb-deploy-bird-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("node.toml");
+        std::fs::write(
+            &file,
+            "[balancer]\ninterface = \"eth0\"\nsource_v4 = \"10.0.3.2\"\n",
+        )
+        .expect("write");
+        let mut a = args(&file, Some("n2"));
+        a.bgp_neighbors = vec![
+            "10.0.3.1".parse().expect("ip"),
+            "fd00:a3::1".parse().expect("ip"),
+        ];
+        let (text, _, _) = prepared_config(&a).expect("prepared");
+        assert!(text.contains("announce_route_table = 200"), "{text}");
+        let l = layout(Path::new("/usr/local"), Some("n2"));
+        let bird = bird_config(&a, &l, &text).expect("bird");
+        assert!(bird.contains("router id 10.0.3.2;"), "{bird}");
+        assert!(bird.contains("kernel table 200; learn;"), "{bird}");
+        assert!(
+            bird.contains("neighbor 10.0.3.1 as 65000; connect delay time 1; ipv4 { import none; export all; }"),
+            "{bird}"
+        );
+        assert!(
+            bird.contains("neighbor fd00:a3::1 as 65000; connect delay time 1; ipv6 {"),
+            "{bird}"
+        );
+        // Without source_v4 nor --bgp-router-id, it says what to pass.
+        std::fs::write(&file, "[balancer]\ninterface = \"eth0\"\n").expect("write");
+        let (text, _, _) = prepared_config(&a).expect("prepared");
+        let e = bird_config(&a, &l, &text).expect_err("no router id");
+        assert!(e.to_string().contains("--bgp-router-id"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -68,6 +68,28 @@ enum Task {
     Deploy(deploy::DeployArgs),
     /// Stop the daemon, detach the dataplane, remove the unit and configuration.
     Undeploy(deploy::UndeployArgs),
+    /// The backends' side: install mptcp-lb, attach the tunnel decapsulation and, for
+    /// services that steer joins by port, set the C bit and announce the join ports.
+    DeployBackend(deploy::BackendArgs),
+    /// Undo deploy-backend: withdraw the join ports, clear the C bit, detach.
+    UndeployBackend(deploy::UndeployBackendArgs),
+}
+
+/// The release `mptcp-lb`, built.
+fn release_build() -> anyhow::Result<std::path::PathBuf> {
+    setup::ensure(false)?;
+    run(
+        "release build of mptcp-lb",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "mptcp-lb",
+        ]),
+    )?;
+    Ok(workspace_root().join("target/release/mptcp-lb"))
 }
 
 /// Builds the debug `mptcp-lb` and the lab, then runs `lab <args>`.
@@ -287,21 +309,9 @@ fn main() -> anyhow::Result<()> {
             let nodes = lb_nodes.to_string();
             lab(&[action.as_str(), "--lb-nodes", nodes.as_str()])
         }
-        Task::Deploy(args) => deploy::deploy(&args, || {
-            setup::ensure(false)?;
-            run(
-                "release build of mptcp-lb",
-                cargo().args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "lb-userspace",
-                    "--bin",
-                    "mptcp-lb",
-                ]),
-            )?;
-            Ok(workspace_root().join("target/release/mptcp-lb"))
-        }),
+        Task::Deploy(args) => deploy::deploy(&args, release_build),
         Task::Undeploy(args) => deploy::undeploy(&args),
+        Task::DeployBackend(args) => deploy::deploy_backend(&args, release_build),
+        Task::UndeployBackend(args) => deploy::undeploy_backend(&args),
     }
 }
