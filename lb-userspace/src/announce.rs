@@ -10,29 +10,16 @@
 //! takes new connections; otherwise it is withdrawn. `mptcp-lb detach` withdraws all.
 //! A daemon that exits leaves its routes: the dataplane it leaves behind still forwards.
 
-use std::{collections::BTreeSet, net::IpAddr, process::Command};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Deserialize;
+
+use crate::host::ip;
 
 /// The routing protocol number the daemon's routes carry (`ip route ... proto 91`),
 /// so that its routes are told apart from anyone else's in the table.
 pub const ROUTE_PROTO: u8 = 91;
-
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 #[derive(Deserialize)]
 struct RouteRow {

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
 fn accept_local_path(interface: &str) -> PathBuf {
     PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"))
@@ -88,6 +88,22 @@ pub fn auto_xdp_mode(interface: &str) -> (Option<aya::programs::XdpMode>, String
         Some(d) => (None, format!("auto: native on driver {d}, generic if it refuses")),
         None => (None, "auto: native, generic if the driver refuses".into()),
     }
+}
+
+/// Runs iproute2's `ip` with `args`; its standard output, or its error in words.
+pub fn ip(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -8,15 +8,15 @@
 //! The endpoints are managed with iproute2 (`ip mptcp endpoint`), as an operator would;
 //! the command touches only the endpoints it plans, and says what it changed.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    process::Command,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use crate::config::{Config, JoinSteering};
+use crate::{
+    config::{Config, JoinSteering},
+    host::ip,
+};
 
 const ALLOW_JOIN_INITIAL: &str = "/proc/sys/net/mptcp/allow_join_initial_addr_port";
 const TCP_TIMESTAMPS: &str = "/proc/sys/net/ipv4/tcp_timestamps";
@@ -102,21 +102,6 @@ pub struct Endpoint {
     pub id: u32,
     #[serde(default)]
     pub signal: bool,
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// This host's MPTCP endpoints.

@@ -19,10 +19,12 @@ use mptcp_lb_tests::{
 };
 
 fn lab(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lab"))
-        .args(args)
-        .output()
-        .expect("run lab");
+    outcome(Command::new(env!("CARGO_BIN_EXE_lab")).args(args))
+}
+
+/// Whether `cmd` succeeded, and what it printed (standard output, then error).
+fn outcome(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("run a command");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -356,16 +358,7 @@ fn deploy_into_a_namespace_then_upgrade_without_a_gap() {
 }
 
 fn xtask_run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(xtask())
-        .args(args)
-        .output()
-        .expect("run xtask");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    outcome(Command::new(xtask()).args(args))
 }
 
 /// A fleet set up the way an operator would: `cargo xtask deploy --bgp-neighbor` on two
