@@ -637,6 +637,20 @@ fn check_health(h: &HealthCheck) -> Result<(), (&'static str, String)> {
     if h.fall == 0 {
         return Err(("fall", "must be at least 1".into()));
     }
+    if !h.http_path.starts_with('/')
+        || h.http_path.len() > 1024
+        || h.http_path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err((
+            "http_path",
+            format!(
+                "{:?} is not a request path (it starts with '/', has no spaces or control characters, at most 1024 bytes)",
+                h.http_path
+            ),
+        ));
+    }
     if h.kind == HealthKind::Http && !(100..=599).contains(&h.http_status) {
         return Err((
             "http_status",

@@ -9,7 +9,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -342,14 +342,38 @@ async fn check_loop(shared: Arc<Shared>, id: u32, check: HealthCheck, addr: Sock
 }
 
 fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        // Whoever may write in the directory may replace the socket with one of theirs.
+        let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            bail!(
+                "balancer.control_socket: {} is {} (mode {:o}, owner uid {}): the socket needs a directory of its own that only this user may write, e.g. /run/mptcp-lb",
+                dir.display(),
+                if meta.uid() != me {
+                    "owned by another user"
+                } else {
+                    "writable by others"
+                },
+                meta.mode() & 0o7777,
+                meta.uid()
+            );
+        }
     }
     // A socket file left by a daemon that was killed: nobody listens on it.
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "balancer.control_socket: {} exists and is not a socket; not removing it",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
                 "another daemon answers on {} (balancer.control_socket)",
@@ -365,6 +389,28 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
+/// Longest control request, and how long a client may take to send it.
+const MAX_REQUEST: u64 = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One request line from `r`: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`].
+async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> Result<String, String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut line = String::new();
+    let mut limited = BufReader::new(r.take(MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line)).await {
+        Err(_) => Err(format!(
+            "no request line within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => Err(format!(
+            "a request is one line of at most {MAX_REQUEST} bytes"
+        )),
+        Ok(Ok(_)) => Ok(line),
+    }
+}
+
 async fn control_loop(shared: Arc<Shared>, l: UnixListener) {
     loop {
         let Ok((stream, _)) = l.accept().await else {
@@ -373,16 +419,11 @@ async fn control_loop(shared: Arc<Shared>, l: UnixListener) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            if BufReader::new(r).read_line(&mut line).await.is_err() {
-                return;
-            }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => answer(&shared, req).await,
-                Err(e) => Response {
-                    ok: false,
-                    error: Some(format!("bad request: {e}")),
-                    data: serde_json::Value::Null,
+            let resp = match read_request(r).await {
+                Err(e) => refused(e),
+                Ok(line) => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => answer(&shared, req).await,
+                    Err(e) => refused(format!("bad request: {e}")),
                 },
             };
             let mut out = serde_json::to_string(&resp).unwrap_or_default();
@@ -553,5 +594,62 @@ async fn status(shared: &Arc<Shared>) -> Status {
             .announce_syncs
             .load(std::sync::atomic::Ordering::Relaxed),
         services,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn control_requests_are_one_bounded_line() {
+        assert_eq!(
+            read_request(&b"{\"op\":\"status\"}\n"[..]).await,
+            Ok("{\"op\":\"status\"}\n".to_string())
+        );
+        let huge = vec![b'x'; 1 << 20];
+        let e = read_request(&huge[..]).await.expect_err("too long");
+        assert!(e.contains("at most 65536 bytes"), "{e}");
+        // A client that sends nothing and keeps the connection open is given up on.
+        let (_client, server) = tokio::io::duplex(64);
+        tokio::time::pause();
+        let e = read_request(server).await.expect_err("silent");
+        assert!(e.contains("no request line within 5 s"), "{e}");
+    }
+
+    #[test]
+    fn the_control_socket_needs_a_directory_of_its_own() {
+        let base = std::env::temp_dir().join(format!("mlb-ctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // Created by the daemon: mode 0700, and it binds.
+        let fresh = base.join("fresh");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        bind_control(&fresh.join("c.sock")).expect("binds in a new directory");
+        let mode = std::fs::metadata(&fresh).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A directory anyone may write (like /tmp) is refused.
+        let open = base.join("open");
+        std::fs::create_dir_all(&open).expect("dir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let e = bind_control(&open.join("c.sock")).expect_err("world-writable");
+        assert!(e.to_string().contains("writable by others"), "{e}");
+        // A regular file where the socket goes is left alone.
+        let file = fresh.join("not-a-socket");
+        std::fs::write(&file, "data").expect("file");
+        let e = bind_control(&file).expect_err("a file");
+        assert!(
+            e.to_string().contains("is not a socket; not removing it"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).expect("kept"), "data");
+        // A stale socket (nobody listening) is replaced.
+        let stale = fresh.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        bind_control(&stale).expect("a stale socket is replaced");
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -84,7 +84,7 @@ async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), Failur
             let req = format!(
                 "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: mptcp-lb-health\r\nConnection: close\r\n\r\n",
                 check.http_path,
-                addr.ip()
+                host_header(addr)
             );
             s.write_all(req.as_bytes())
                 .await
@@ -109,6 +109,11 @@ async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), Failur
             }
         }
     }
+}
+
+/// The Host header for `addr` (RFC 9110: an IPv6 literal in brackets, and the port).
+pub fn host_header(addr: SocketAddr) -> String {
+    addr.to_string()
 }
 
 /// The status code of an HTTP/1.x status line.
@@ -221,6 +226,18 @@ mod tests {
         assert_eq!(h.record(true), None);
         assert_eq!(h.record(true), Some(true));
         assert!(h.up);
+    }
+
+    #[test]
+    fn host_headers_bracket_ipv6_and_carry_the_port() {
+        assert_eq!(
+            host_header("10.0.1.11:8080".parse().expect("addr")),
+            "10.0.1.11:8080"
+        );
+        assert_eq!(
+            host_header("[2001:db8::12]:80".parse().expect("addr")),
+            "[2001:db8::12]:80"
+        );
     }
 
     #[test]
