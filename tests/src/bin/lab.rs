@@ -700,6 +700,11 @@ fn up(nodes: usize) -> Result<(), String> {
         let tb = Testbed::new(TESTBED, 3);
         tb.announce_vip6();
         tb.client_joins(true);
+        // Applications with IPv4 sockets (curl under mptcpize) open their second
+        // subflow from the other path's IPv4 address.
+        tb.client.run(&[
+            "ip", "mptcp", "endpoint", "add", "10.1.2.2", "dev", "cell0", "subflow",
+        ]);
         tb
     } else {
         step(
