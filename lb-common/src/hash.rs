@@ -44,6 +44,24 @@ pub fn flow_hash(k: &FlowKey, seed: u32) -> u32 {
     fmix(h)
 }
 
+/// A flow's client-address hash: every flow of one client address to one VIP gets the
+/// same value, whatever its ports and protocol (client-address affinity).
+#[inline(always)]
+pub fn client_hash(k: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed;
+    h = mix(h, k.src[0]);
+    h = mix(h, k.dst[0]);
+    if k.family == crate::maps::FAMILY_V6 {
+        h = mix(h, k.src[1]);
+        h = mix(h, k.src[2]);
+        h = mix(h, k.src[3]);
+        h = mix(h, k.dst[1]);
+        h = mix(h, k.dst[2]);
+        h = mix(h, k.dst[3]);
+    }
+    fmix(h)
+}
+
 /// Keyed hash of a 32-bit value (an MPTCP token under the `hash` join policy).
 #[inline(always)]
 pub fn hash_u32(v: u32, seed: u32) -> u32 {

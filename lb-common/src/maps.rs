@@ -160,6 +160,10 @@ pub const VIP_JOIN_PORT: u32 = 1;
 /// A service port whose service steers joins by port: its backends set the C bit, so
 /// version 1 clients never join it and their tokens need not be learned.
 pub const VIP_STEERS_BY_PORT: u32 = 2;
+/// A service port with client-address affinity: new flows are placed by Maglev on the
+/// client's address alone (every connection of one client to one backend, as IPVS
+/// persistence does), not on the 5-tuple.
+pub const VIP_AFFINITY_CLIENT: u32 = 4;
 /// Where a join port's backend id sits in [`VipInfo::flags`].
 pub const VIP_BACKEND_SHIFT: u32 = 16;
 const _: () = assert!(MAX_BACKENDS <= 1 << (32 - VIP_BACKEND_SHIFT));

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     counters::Counter,
-    hash::{flow_hash, hash_u32},
+    hash::{client_hash, flow_hash, hash_u32},
     maps::*,
     mptcp::MptcpOption,
     packet::*,
@@ -363,7 +363,11 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     let mut hash = 0u32;
     let mut hashed = false;
     if backend_id == 0 {
-        let h = flow_hash(&key, cfg.seed);
+        let h = if vip.flags & VIP_AFFINITY_CLIENT != 0 {
+            client_hash(&key, cfg.seed)
+        } else {
+            flow_hash(&key, cfg.seed)
+        };
         hash = h;
         hashed = true;
         backend_id = maglev_pick(cfg, vip.service, h);

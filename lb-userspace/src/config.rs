@@ -57,6 +57,21 @@ pub enum UnknownJoinPolicy {
     Hash,
 }
 
+/// How a service places new connections.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// Each connection by its own 5-tuple (Maglev): the most even spread.
+    #[default]
+    None,
+    /// Every connection of one client address to one backend (Maglev on the client's
+    /// address), for applications whose connections must meet on one server (iperf3's
+    /// control and data connections, sessions kept in a server's memory), as IPVS
+    /// persistence does. Costs evenness: clients behind one NAT address share a
+    /// backend. MPTCP joins from another address still follow their connection.
+    ClientAddress,
+}
+
 /// How a service's MP_JOIN subflows find their backend.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -152,6 +167,8 @@ pub struct ServiceConfig {
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub join_steering: JoinSteering,
+    #[serde(default)]
+    pub affinity: Affinity,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,
 }
@@ -880,6 +897,13 @@ health = { kind = "mptcp" }
         )
         .replace("drain = true", "join_port = 20002");
         let c = parse(&text).expect("valid");
+        assert_eq!(c.services[0].affinity, Affinity::None);
+        let sticky = parse(&text.replace(
+            "join_steering",
+            "affinity = \"client_address\"\njoin_steering",
+        ))
+        .expect("valid");
+        assert_eq!(sticky.services[0].affinity, Affinity::ClientAddress);
         let got: Vec<String> = c.services[0]
             .join_vips()
             .iter()

@@ -399,11 +399,14 @@ impl Controller {
         let mut want_vips: HashMap<Vip, VipInfo> = HashMap::new();
         for s in &new.services {
             let sid = self.services[&s.name];
-            let flags = if s.join_steering == JoinSteering::Port {
+            let mut flags = if s.join_steering == JoinSteering::Port {
                 VIP_STEERS_BY_PORT
             } else {
                 0
             };
+            if s.affinity == config::Affinity::ClientAddress {
+                flags |= VIP_AFFINITY_CLIENT;
+            }
             for v in &s.vips {
                 let vip = config::parse_vip(v).map_err(anyhow::Error::msg)?;
                 want_vips.insert(
