@@ -74,6 +74,9 @@ enum Command {
         /// The pin path of the configuration (`balancer.pin_path`).
         #[arg(long, global = true, default_value = "/sys/fs/bpf/mptcp-lb")]
         pin_path: std::path::PathBuf,
+        /// Find the pin path in the daemon's configuration file instead.
+        #[arg(long, global = true, conflicts_with = "pin_path")]
+        config: Option<std::path::PathBuf>,
         /// JSON for scripts (field names documented in the README).
         #[arg(long, global = true)]
         json: bool,
@@ -94,6 +97,9 @@ enum Command {
         /// The pin path of the configuration (`balancer.pin_path`).
         #[arg(long, default_value = "/sys/fs/bpf/mptcp-lb")]
         pin_path: std::path::PathBuf,
+        /// Find the pin path in the daemon's configuration file instead.
+        #[arg(long, conflicts_with = "pin_path")]
+        config: Option<std::path::PathBuf>,
     },
     /// Backend side: strip IPIP/IP6IP6 tunnels addressed to this host (for hosts
     /// without the ipip/ip6tnl drivers).
@@ -142,6 +148,36 @@ struct SocketArg {
     /// The daemon's control socket (`balancer.control_socket`).
     #[arg(long = "socket", default_value = DEFAULT_CONTROL_SOCKET)]
     path: std::path::PathBuf,
+    /// Find the control socket in the daemon's configuration file instead.
+    #[arg(long = "config", conflicts_with = "path")]
+    config: Option<std::path::PathBuf>,
+}
+
+impl SocketArg {
+    /// The socket: `--socket`, or the one `--config` names.
+    fn socket(&self) -> anyhow::Result<std::path::PathBuf> {
+        match &self.config {
+            Some(c) => Ok(balancer_of(c)?.control_socket),
+            None => Ok(self.path.clone()),
+        }
+    }
+}
+
+/// The `[balancer]` section of a configuration file (validated as a file, not against
+/// this host).
+fn balancer_of(path: &std::path::Path) -> anyhow::Result<lb_userspace::config::BalancerConfig> {
+    Ok(lb_userspace::config::Config::load(path, |_| true)?.balancer)
+}
+
+/// `--pin-path`, or the pin path `--config` names.
+fn pin_path_of(
+    pin_path: std::path::PathBuf,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<std::path::PathBuf> {
+    match config {
+        Some(c) => Ok(balancer_of(c)?.pin_path),
+        None => Ok(pin_path),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -276,11 +312,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, .. } => lb_userspace::daemon::run(&config)?,
         Command::Reload { socket } => {
-            let summary = control::request(&socket.path, &Request::Reload)?;
+            let summary = control::request(&socket.socket()?, &Request::Reload)?;
             println!("reloaded: {}", summary.as_str().unwrap_or_default());
         }
         Command::Status { socket, json } => {
-            let v = control::request(&socket.path, &Request::Status)?;
+            let v = control::request(&socket.socket()?, &Request::Status)?;
             if json {
                 print_json(&v)?;
             } else {
@@ -301,7 +337,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 BackendAction::Enable => AdminOp::Enable,
             };
             let state = control::request(
-                &socket.path,
+                &socket.socket()?,
                 &Request::Backend {
                     action,
                     service: service.clone(),
@@ -315,7 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Node { action, socket } => {
             let drained = matches!(action, NodeAction::Drain);
-            control::request(&socket.path, &Request::Node { drained })?;
+            control::request(&socket.socket()?, &Request::Node { drained })?;
             println!(
                 "node {}",
                 if drained {
@@ -328,8 +364,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect {
             what,
             pin_path,
+            config,
             json,
-        } => inspect_cmd(what, &pin_path, json)?,
+        } => inspect_cmd(what, &pin_path_of(pin_path, config.as_deref())?, json)?,
         Command::Check {
             config: Some(path),
             no_host_checks,
@@ -375,7 +412,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{name}: loaded, verifier accepted it");
             }
         }
-        Command::Detach { pin_path } => {
+        Command::Detach { pin_path, config } => {
+            let pin_path = pin_path_of(pin_path, config.as_deref())?;
             // A running daemon holds the link: unpinning it would not detach anything.
             // (A pin path that does not exist has nothing to lock, nor to detach.)
             let _lock = if !pin_path.exists() {

@@ -514,6 +514,30 @@ fn auto_xdp_mode_on_veth_forwards_and_says_why() {
         text.contains("(XDP generic: auto: generic, because native XDP on veth"),
         "{text}"
     );
+
+    // Commands find the instance from its configuration file: no --socket, no
+    // --pin-path (this daemon uses neither default).
+    for args in [
+        vec!["status"],
+        vec!["inspect", "services"],
+        vec!["backend", "drain", "web", "10.0.11.2"],
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", tb.lb.path()))
+            .arg("--")
+            .arg(mptcp_lb_tests::daemon::binary())
+            .args(&args)
+            .arg("--config")
+            .arg(&d.config)
+            .output()
+            .expect("mptcp-lb");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("web"),
+            "{args:?} --config: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// User plus system CPU seconds of process `pid`.
