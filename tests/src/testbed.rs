@@ -338,6 +338,47 @@ impl Testbed {
         )
     }
 
+    /// The balancer node (1-based) the router's ECMP sends a client packet to: the
+    /// kernel's own multipath choice for that 5-tuple (`ip route get` with ports), as it
+    /// arrives from the client's path of `src`.
+    pub fn ecmp_node(&self, src: IpAddr, sport: u16, dport: u16) -> Option<usize> {
+        let (dst, family) = if src.is_ipv4() {
+            (VIP4.to_string(), "-4")
+        } else {
+            (VIP6.to_string(), "-6")
+        };
+        let s = src.to_string();
+        let iif = if s.starts_with("10.1.1.") || s.starts_with("fd00:1:1:") {
+            "rtw"
+        } else {
+            "rtc"
+        };
+        let out = self.router.try_run(&[
+            "ip",
+            family,
+            "route",
+            "get",
+            &dst,
+            "from",
+            &s,
+            "iif",
+            iif,
+            "ipproto",
+            "tcp",
+            "sport",
+            &sport.to_string(),
+            "dport",
+            &dport.to_string(),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let via = text.split_whitespace().skip_while(|w| *w != "via").nth(1)?;
+        let via: IpAddr = via.parse().ok()?;
+        (1..=self.nodes()).find(|k| {
+            let (a4, a6) = node_addrs(*k);
+            via == IpAddr::V4(a4) || via == IpAddr::V6(a6)
+        })
+    }
+
     /// Waits until the router reaches both VIPs through `n` nodes.
     pub fn wait_next_hops(&self, n: usize, within: Duration) {
         wait_until(
@@ -549,6 +590,8 @@ pub struct ConnRecord {
     pub subflow_families: Vec<u8>,
     /// The client's address of each subflow (which path it took).
     pub subflow_peers: Vec<IpAddr>,
+    /// Each subflow's (client port, server port): with the addresses, its 5-tuple.
+    pub subflow_ports: Vec<(u16, u16)>,
     /// The client's address and port of the first subflow (v4-mapped for IPv4).
     pub peer: Option<SocketAddr>,
 }
@@ -653,10 +696,16 @@ pub fn mptcp_shape(sock: &impl std::os::fd::AsRawFd) -> ConnRecord {
     let peers = (0..n.min(8))
         .filter_map(|k| sockaddr_ip(&buf[16 + k * ENTRY + 128..]))
         .collect();
+    // Both sockaddr_in and sockaddr_in6 keep the port at bytes 2-3, network order.
+    let port = |at: usize| u16::from_be_bytes([buf[at + 2], buf[at + 3]]);
+    let ports = (0..n.min(8))
+        .map(|k| (port(16 + k * ENTRY + 128), port(16 + k * ENTRY)))
+        .collect();
     ConnRecord {
         token,
         subflow_families: families,
         subflow_peers: peers,
+        subflow_ports: ports,
         peer: None,
     }
 }

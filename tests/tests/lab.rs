@@ -127,6 +127,35 @@ fn the_fleet_demo_holds_every_join_by_port_and_loses_some_by_token() {
             "node {k} carried nothing: {out}"
         );
     }
+    // Per row of the port phase: the node holding the first subflow's entry, then the
+    // nodes the router's ECMP gave each subflow. The first two agree (the table is
+    // right about the router); joins often reached another node, and were held anyway.
+    let mut crossed = 0;
+    for row in out
+        .lines()
+        .skip_while(|l| !l.contains("steered by PORT"))
+        .take_while(|l| !l.starts_with("=>"))
+        .filter(|l| l.contains("ok: both"))
+    {
+        let nodes: Vec<&str> = row
+            .split(" via lb")
+            .skip(1)
+            .map(|t| t.split(|c: char| !c.is_ascii_digit()).next().unwrap_or(""))
+            .collect();
+        assert_eq!(nodes.len(), 3, "{row}");
+        assert_eq!(
+            nodes[0], nodes[1],
+            "the table and the router disagree: {row}"
+        );
+        if nodes[2] != nodes[1] {
+            crossed += 1;
+        }
+    }
+    println!("{crossed} of 20 joins reached another node than their connection's first subflow");
+    assert!(
+        crossed > 0,
+        "no join crossed nodes: the demo shows nothing: {out}"
+    );
     assert!(namespaces("mlb-demo-").is_empty(), "the demo tears down");
     let birds = Command::new("pgrep")
         .args(["-f", "mptcp-lb-bgp-mlb-demo"])

@@ -157,6 +157,7 @@ fn report(
     seen_before: &[usize],
     lb_choice: &HashMap<SocketAddr, String>,
     lost: &str,
+    fleet: Option<&Testbed>,
 ) -> (usize, usize) {
     // Backend records by the client's first-subflow address.
     let mut served: HashMap<SocketAddr, (usize, ConnRecord)> = HashMap::new();
@@ -205,7 +206,34 @@ fn report(
                 "not seen on any backend".into(),
             ),
             Some((be, r)) => {
-                let fams: Vec<String> = r.subflow_peers.iter().map(|a| path_of(*a)).collect();
+                let fams: Vec<String> = r
+                    .subflow_peers
+                    .iter()
+                    .enumerate()
+                    .map(|(k, a)| {
+                        // In a fleet: the node the router's ECMP gave this subflow, as
+                        // the router's kernel computes it for the subflow's 5-tuple
+                        // (IPv4; for IPv6 `ip route get` does not match what the
+                        // router forwards, so an IPv6 first subflow shows the node
+                        // whose table holds it, and an IPv6 join "?").
+                        let node = match fleet {
+                            None => None,
+                            Some(_) if a.is_ipv6() && k == 0 => {
+                                chose.split(" via lb").nth(1).map(String::from)
+                            }
+                            Some(_) if a.is_ipv6() => Some("?".into()),
+                            Some(tb) => r
+                                .subflow_ports
+                                .get(k)
+                                .and_then(|(sp, dp)| tb.ecmp_node(*a, *sp, *dp))
+                                .map(|n| n.to_string()),
+                        };
+                        match node {
+                            Some(n) => format!("{} via lb{n}", path_of(*a)),
+                            None => path_of(*a),
+                        }
+                    })
+                    .collect();
                 let (subflows, verdict) = if r.subflow_families.len() >= 2 {
                     good += 1;
                     (fams.join(" + "), format!("ok: both subflows on be{be}"))
@@ -336,7 +364,7 @@ fn demo(keep: bool) -> Result<(), String> {
     let outcomes = connections(&tb, n);
     let choice = lb_choices(&d);
     println!("\nWith MPTCP awareness ON (joins follow their token):");
-    let (good_on, total) = report(&outcomes, &servers, &before, &choice, RESET);
+    let (good_on, total) = report(&outcomes, &servers, &before, &choice, RESET, None);
     let resets_on: u64 = join_resets(&tb)
         .iter()
         .zip(&resets_before)
@@ -367,7 +395,7 @@ fn demo(keep: bool) -> Result<(), String> {
     println!(
         "\nWith MPTCP awareness OFF (a classic L4 balancer: each subflow hashed on its own 5-tuple):"
     );
-    let (good_off, _) = report(&outcomes, &servers, &before, &choice, RESET);
+    let (good_off, _) = report(&outcomes, &servers, &before, &choice, RESET, None);
     let resets: Vec<u64> = join_resets(&tb)
         .iter()
         .zip(&resets_before)
@@ -580,7 +608,7 @@ fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
     println!(
         "\nJoins steered by PORT (each backend announced VIP:2000i; no state shared by the nodes):"
     );
-    let (good_on, total) = report(&outcomes, &servers, &before, &choice, LOST);
+    let (good_on, total) = report(&outcomes, &servers, &before, &choice, LOST, Some(&tb));
     let routed: Vec<u64> = per_node(&daemons, "join_port_routed")
         .iter()
         .zip(&routed_before)
@@ -614,7 +642,7 @@ fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
     println!(
         "\nJoins steered by TOKEN through {nodes} nodes (ECMP sends each join to a node of its own):"
     );
-    let (good_off, _) = report(&outcomes, &servers, &before, &choice, LOST);
+    let (good_off, _) = report(&outcomes, &servers, &before, &choice, LOST, Some(&tb));
     let dropped: Vec<u64> = per_node(&daemons, "join_unknown_dropped")
         .iter()
         .zip(&dropped_before)
