@@ -7,6 +7,7 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod edit;
 pub mod health;
 pub mod host;
 pub mod inspect;

@@ -67,6 +67,13 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Change a service in the configuration file (comments and layout kept), validate
+    /// the whole file, write it, and have the daemon reload it; a reload the daemon
+    /// refuses puts the file back.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
     /// Look into the pinned maps (works while the daemon is down).
     Inspect {
         #[command(subcommand)]
@@ -124,6 +131,25 @@ enum Command {
         /// samples on every TCP connection of the host.
         #[arg(long)]
         no_timestamps: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Add a VIP (another port, another address) to SERVICE: `ADDRESS:PORT[/PROTO]`.
+    AddVip {
+        service: String,
+        vip: String,
+        /// The daemon's configuration file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Remove a VIP from SERVICE.
+    RemoveVip {
+        service: String,
+        vip: String,
+        #[arg(long)]
+        config: std::path::PathBuf,
     },
 }
 
@@ -360,6 +386,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "undrained: its VIPs are announced where their services have a usable backend"
                 }
             );
+        }
+        Command::Service { action } => {
+            let (config, new, what) = match &action {
+                ServiceAction::AddVip {
+                    service,
+                    vip,
+                    config,
+                } => {
+                    let old = std::fs::read_to_string(config)
+                        .with_context(|| format!("reading {}", config.display()))?;
+                    (
+                        config,
+                        lb_userspace::edit::add_vip(&old, service, vip)?,
+                        "added",
+                    )
+                }
+                ServiceAction::RemoveVip {
+                    service,
+                    vip,
+                    config,
+                } => {
+                    let old = std::fs::read_to_string(config)
+                        .with_context(|| format!("reading {}", config.display()))?;
+                    (
+                        config,
+                        lb_userspace::edit::remove_vip(&old, service, vip)?,
+                        "removed",
+                    )
+                }
+            };
+            let old = std::fs::read_to_string(config)?;
+            // The whole new file is checked as the daemon will check it, before it is
+            // written.
+            let parsed = lb_userspace::config::Config::parse(
+                &config.display().to_string(),
+                &new,
+                lb_userspace::daemon::interface_exists,
+            )?;
+            lb_userspace::edit::write_file(config, &new)?;
+            match control::request(&parsed.balancer.control_socket, &Request::Reload) {
+                Ok(summary) => println!(
+                    "{what}; {} rewritten and reloaded: {}",
+                    config.display(),
+                    summary.as_str().unwrap_or_default()
+                ),
+                Err(e) => {
+                    lb_userspace::edit::write_file(config, &old)?;
+                    anyhow::bail!(
+                        "the daemon did not apply it ({e:#}); {} is back as it was",
+                        config.display()
+                    );
+                }
+            }
         }
         Command::Inspect {
             what,

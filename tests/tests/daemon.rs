@@ -540,6 +540,80 @@ fn auto_xdp_mode_on_veth_forwards_and_says_why() {
     }
 }
 
+/// `mptcp-lb service add-vip|remove-vip`: another port for a service without repeating
+/// its backends; the file is rewritten (its comments kept), the daemon reloads it, and
+/// traffic reaches the new port; with no daemon to apply it, the file is put back.
+#[test]
+fn a_vip_is_added_and_removed_through_the_file() {
+    if !privileged("a_vip_is_added_and_removed_through_the_file") {
+        return;
+    }
+    let tb = Testbed::new("mlb-vip", 1);
+    let _server = serve(&tb.backends[0]);
+    let tag = "vip";
+    let config = format!(
+        "# kept by hand\n{}",
+        Testbed::daemon_config(tag, &Testbed::service_toml("web", &[1], ""))
+    );
+    let mut d = Daemon::start(&tb.lb, tag, &config);
+    let cfg = d.config.to_str().expect("path").to_string();
+    let vip = format!("{}:{HEALTH_PORT}", mptcp_lb_tests::testbed::VIP4);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", tb.lb.path()))
+            .arg("--")
+            .arg(mptcp_lb_tests::daemon::binary())
+            .args(args)
+            .output()
+            .expect("mptcp-lb");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, said) = run(&["service", "add-vip", "web", &vip, "--config", &cfg]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("reloaded: services +0 -0, backends +0 -0, VIPs +1"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(&d.config).expect("file");
+    assert!(text.starts_with("# kept by hand"), "{text}");
+    let status = d.status();
+    assert!(
+        status["services"][0]["vips"]
+            .to_string()
+            .contains(&format!("{vip}/tcp")),
+        "{status}"
+    );
+    // The new port is served: a TCP connection to it reaches the backend's listener.
+    let reached = tb.client.within(move || {
+        std::net::TcpStream::connect_timeout(&vip.parse().expect("addr"), Duration::from_secs(3))
+            .is_ok()
+    });
+    assert!(reached, "a connection to the added VIP port");
+    let vip = format!("{}:{HEALTH_PORT}", mptcp_lb_tests::testbed::VIP4);
+    let (ok, said) = run(&["service", "add-vip", "web", &vip, "--config", &cfg]);
+    assert!(!ok && said.contains("already has VIP"), "{said}");
+    let (ok, said) = run(&["service", "remove-vip", "web", &vip, "--config", &cfg]);
+    assert!(ok && said.contains("VIPs +0 -1"), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(&d.config).expect("file"),
+        text.replace(&format!(", \"{vip}/tcp\""), "")
+    );
+
+    // No daemon to apply it: the file is put back as it was.
+    assert!(d.term());
+    let before = std::fs::read_to_string(&d.config).expect("file");
+    let (ok, said) = run(&["service", "add-vip", "web", &vip, "--config", &cfg]);
+    assert!(!ok && said.contains("is back as it was"), "{said}");
+    assert_eq!(std::fs::read_to_string(&d.config).expect("file"), before);
+}
+
 /// User plus system CPU seconds of process `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
