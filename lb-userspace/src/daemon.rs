@@ -215,6 +215,23 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             }
         }));
     }
+    // Everything that needs root is done: keep what operating the maps (and, on a fleet
+    // node, the announcement routes) needs, in every thread, for good.
+    let mut keep = vec![crate::privileges::CAP_BPF];
+    if config.balancer.announce_route_table.is_some() {
+        keep.push(crate::privileges::CAP_NET_ADMIN);
+    }
+    match crate::privileges::drop_to(&keep) {
+        Ok(()) => tracing::info!(
+            kept = if keep.len() == 2 {
+                "CAP_BPF CAP_NET_ADMIN"
+            } else {
+                "CAP_BPF"
+            },
+            "dropped every other capability"
+        ),
+        Err(e) => tracing::warn!("keeping root's capabilities: {e:#}"),
+    }
     tracing::info!(control_socket = %config.balancer.control_socket.display(), "ready");
     // Signals sent during the start-up are delivered now (this thread runs `serve`).
     set_start_up_signals(libc::SIG_UNBLOCK);

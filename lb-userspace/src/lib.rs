@@ -17,3 +17,4 @@ pub mod loader;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;
+pub mod privileges;

@@ -515,6 +515,36 @@ fn auto_xdp_mode_on_veth_forwards_and_says_why() {
         "{text}"
     );
 
+    // Running, the daemon holds CAP_BPF and nothing else, in every thread, for good
+    // (bounding set, no_new_privs); it still serves, reloads and answers (above, below).
+    let pid = d.pid();
+    let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(tids.len() > 1, "the daemon has its runtime's threads");
+    let bpf = 1u64 << lb_userspace::privileges::CAP_BPF;
+    for tid in &tids {
+        let (eff, bnd, nnp) =
+            lb_userspace::privileges::thread_caps(pid, *tid).expect("thread status");
+        assert_eq!(
+            (eff, bnd, nnp),
+            (bpf, bpf, true),
+            "thread {tid} of {}",
+            tids.len()
+        );
+    }
+    println!(
+        "{} threads, each with CapEff = CapBnd = CAP_BPF, no_new_privs",
+        tids.len()
+    );
+    let out = d.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Commands find the instance from its configuration file: no --socket, no
     // --pin-path (this daemon uses neither default).
     for args in [

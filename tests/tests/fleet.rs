@@ -254,6 +254,12 @@ fn every_join_reaches_its_backend_through_any_node() {
         t.elapsed().as_millis()
     );
     rings_agree(&daemons, "at start");
+    // A fleet node keeps CAP_NET_ADMIN too, for its announcement routes, and nothing more.
+    let want = (1u64 << lb_userspace::privileges::CAP_BPF)
+        | (1u64 << lb_userspace::privileges::CAP_NET_ADMIN);
+    let pid = daemons[0].pid();
+    let (eff, bnd, nnp) = lb_userspace::privileges::thread_caps(pid, pid).expect("status");
+    assert_eq!((eff, bnd, nnp), (want, want, true));
     announcements_follow_the_node(&tb, &mut daemons);
     rings_agree(
         &daemons,
