@@ -7,7 +7,8 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the namespace tests drive
 /// (ip, nstat: iproute2; ethtool; sysctl: procps; nsenter: util-linux; the fleet
-/// testbed's BGP speakers: bird2).
+/// testbed's BGP speakers: bird2; real applications under mptcpize: nginx-light, curl,
+/// iperf3, mptcpd).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "bird2",
+    "nginx-light",
+    "curl",
+    "iperf3",
+    "mptcpd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
