@@ -233,6 +233,10 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("keeping root's capabilities: {e:#}"),
     }
     tracing::info!(control_socket = %config.balancer.control_socket.display(), "ready");
+    sd_notify(&format!(
+        "READY=1\nSTATUS=forwarding on {}, program id {program_id}",
+        config.balancer.interface
+    ));
     // Signals sent during the start-up are delivered now (this thread runs `serve`).
     set_start_up_signals(libc::SIG_UNBLOCK);
 
@@ -245,6 +249,7 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
+    sd_notify("STOPPING=1");
     let _ = std::fs::remove_file(&config.balancer.control_socket);
     tracing::info!(
         "exiting; the dataplane keeps forwarding through its pinned link (`mptcp-lb detach` removes it)"
@@ -255,6 +260,46 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
 /// Re-reads the configuration file and applies the difference; on any error the running
 /// configuration stays in force.
 async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
+    sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+    let result = reload_inner(shared).await;
+    sd_notify("READY=1");
+    result
+}
+
+/// CLOCK_MONOTONIC in microseconds, as systemd wants it beside RELOADING=1.
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// Tells the service manager what the daemon is doing (systemd's `Type=notify`: ready
+/// once it forwards and answers, reloading, stopping), when `NOTIFY_SOCKET` names one.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "telling the service manager {state:?}");
+    }
+}
+
+async fn reload_inner(shared: &Arc<Shared>) -> Result<String, String> {
     let result = {
         let mut ctl = shared.ctl.lock().await;
         let path = ctl.config_path.clone();

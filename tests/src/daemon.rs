@@ -42,6 +42,8 @@ pub struct Daemon {
     hups: usize,
     /// The daemon's open-file limit (soft and hard), when set before a spawn.
     pub nofile: Option<u64>,
+    /// `NOTIFY_SOCKET` for the daemon (systemd's readiness protocol), when set.
+    pub notify_socket: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -67,6 +69,7 @@ impl Daemon {
             child: None,
             hups: 0,
             nofile: None,
+            notify_socket: None,
         };
         d.write_config(config);
         d
@@ -121,6 +124,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        if let Some(n) = &self.notify_socket {
+            command.env("NOTIFY_SOCKET", n);
+        }
         if let Some(n) = self.nofile {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing

@@ -644,6 +644,61 @@ fn a_vip_is_added_and_removed_through_the_file() {
     assert_eq!(std::fs::read_to_string(&d.config).expect("file"), before);
 }
 
+/// Under systemd (`Type=notify`), the daemon says READY=1 only once it forwards and
+/// answers its socket, RELOADING=1 then READY=1 around a SIGHUP reload, and STOPPING=1
+/// on SIGTERM: read here from a socket standing in for systemd's.
+#[test]
+fn the_service_manager_hears_ready_reloading_and_stopping() {
+    if !privileged("the_service_manager_hears_ready_reloading_and_stopping") {
+        return;
+    }
+    let tb = Testbed::new("mlb-ntf", 1);
+    let _server = serve(&tb.backends[0]);
+    let tag = "ntf";
+    let mut d = Daemon::prepare(
+        &tb.lb,
+        tag,
+        &Testbed::daemon_config(tag, &Testbed::service_toml("web", &[1], "")),
+    );
+    let path = d.dir.join("notify");
+    let listener = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    listener
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    d.notify_socket = Some(path);
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = listener.recv(&mut buf).expect("a message from the daemon");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // The first message is READY, and when it arrives the control socket answers.
+    let socket = d.socket.clone();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            let ready = next();
+            let answers = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+            (ready, answers)
+        });
+        d.spawn();
+        let (ready, answers) = first.join().expect("thread");
+        assert!(
+            ready.starts_with("READY=1\nSTATUS=forwarding on lb0"),
+            "{ready}"
+        );
+        assert!(answers, "READY=1 came before the control socket answered");
+    });
+    assert!(d.status()["program_id"].as_u64() > Some(0));
+    d.hup();
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1");
+    assert!(d.term());
+    assert_eq!(next(), "STOPPING=1");
+}
+
 /// User plus system CPU seconds of process `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");

@@ -782,7 +782,9 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=simple
+# Ready once it forwards and answers its socket; it reports reloads and its stop too.
+Type=notify
+NotifyAccess=main
 ExecStart={bin} run --config {cfg}
 ExecReload=/bin/kill -HUP $MAINPID
 # SIGTERM leaves the dataplane forwarding (pinned link); `mptcp-lb detach` removes it.
