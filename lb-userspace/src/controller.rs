@@ -90,6 +90,28 @@ pub struct Controller {
     node_drained: bool,
 }
 
+/// A write failure on demand, for the tests of what a failed write leaves behind:
+/// `MPTCP_LB_FAILPOINT=NAME:N` makes the Nth pass through failpoint NAME fail. Debug
+/// builds only; a release build never fails here.
+pub fn failpoint(name: &str) -> anyhow::Result<()> {
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static PASSES: AtomicU32 = AtomicU32::new(0);
+        if let Ok(spec) = std::env::var("MPTCP_LB_FAILPOINT")
+            && let Some((n, at)) = spec.split_once(':')
+            && n == name
+        {
+            let pass = PASSES.fetch_add(1, Ordering::SeqCst) + 1;
+            if at.parse() == Ok(pass) {
+                bail!("failpoint {name}: a map write failed (test)");
+            }
+        }
+    }
+    let _ = name;
+    Ok(())
+}
+
 pub fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -385,6 +407,7 @@ impl Controller {
         for id in &fresh {
             self.write_backend(*id)?;
         }
+        failpoint("apply")?;
 
         // Backends that left are taken out of the controller's list before the rings
         // are rebuilt from it: a ring built with them would keep their slots, and new
@@ -626,10 +649,12 @@ impl Controller {
         Ok(doomed.len())
     }
 
-    /// Sets or clears `bits` of backend `id`, then rewrites what depends on them.
+    /// Sets or clears `bits` of backend `id`, then rewrites what depends on them. If a
+    /// write fails, the backend's state goes back to what it was (in memory and, as far
+    /// as the maps take it, in the maps) and the error is returned: the caller retries.
     fn set_bits(&mut self, id: u32, bits: u32, on: bool) -> anyhow::Result<bool> {
         let b = self.backends.get_mut(&id).context("no such backend")?;
-        let before = b.state;
+        let (before, before_ns) = (b.state, b.changed_unix_ns);
         if on {
             b.state |= bits;
         } else {
@@ -640,13 +665,12 @@ impl Controller {
         }
         b.changed_unix_ns = unix_ns();
         let (sid, now_state) = (b.service_id, b.state);
-        // Into the ring: the backend entry first; out of it: the ring first.
-        if now_state & OUT_OF_RING == 0 {
-            self.write_backend(id)?;
-            self.write_ring(sid)?;
-        } else {
-            self.write_ring(sid)?;
-            self.write_backend(id)?;
+        if let Err(e) = self.write_state(id, sid, now_state) {
+            let b = self.backends.get_mut(&id).context("no such backend")?;
+            b.state = before;
+            b.changed_unix_ns = before_ns;
+            let _ = self.write_state(id, sid, before);
+            return Err(e);
         }
         if now_state & TOKENS_DROPPED != 0 && before & TOKENS_DROPPED == 0 {
             let n = self.drop_tokens(id)?;
@@ -657,6 +681,20 @@ impl Controller {
             );
         }
         Ok(true)
+    }
+
+    /// Writes backend `id` (state `state`, in service `sid`) and its service's ring.
+    fn write_state(&mut self, id: u32, sid: u32, state: u32) -> anyhow::Result<()> {
+        failpoint("set-bits")?;
+        // Into the ring: the backend entry first; out of it: the ring first.
+        if state & OUT_OF_RING == 0 {
+            self.write_backend(id)?;
+            self.write_ring(sid)?;
+        } else {
+            self.write_ring(sid)?;
+            self.write_backend(id)?;
+        }
+        Ok(())
     }
 
     /// A health check's verdict changed.

@@ -308,7 +308,19 @@ async fn reload_inner(shared: &Arc<Shared>) -> Result<String, String> {
             .and_then(|new| {
                 ctl.check_reloadable(&new)
                     .map_err(|e| format!("{}: {e:#}", path.display()))?;
-                ctl.apply(&new).map_err(|e| format!("applying: {e:#}"))
+                ctl.apply(&new).map_err(|e| {
+                    // Half applied: put the maps and the controller back to the
+                    // configuration in force, so what the daemon says is what forwards.
+                    let old = ctl.config.clone();
+                    match ctl.apply(&old) {
+                        Ok(_) => format!(
+                            "applying: {e:#} (the running configuration was re-applied)"
+                        ),
+                        Err(e2) => format!(
+                            "applying: {e:#}; re-applying the running configuration failed too: {e2:#}"
+                        ),
+                    }
+                })
             });
         match applied {
             Ok(summary) => {
@@ -369,6 +381,7 @@ async fn check_loop(shared: Arc<Shared>, id: u32, check: HealthCheck, addr: Sock
     let mut tick = tokio::time::interval(check.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = None;
+    let mut unapplied: Option<bool> = None;
     loop {
         tick.tick().await;
         let result = match probe(&check, addr).await {
@@ -394,9 +407,18 @@ async fn check_loop(shared: Arc<Shared>, id: u32, check: HealthCheck, addr: Sock
         }
         last_ok = Some(Some(result.is_ok()));
         if let Some(now_up) = verdict.record(result.is_ok()) {
+            unapplied = Some(now_up);
+        }
+        // A verdict the maps did not take is applied again at every tick until they do.
+        if let Some(now_up) = unapplied {
             let mut ctl = shared.ctl.lock().await;
-            if let Err(e) = ctl.set_health(id, now_up) {
-                tracing::error!(%addr, error = %format!("{e:#}"), "applying a health change");
+            match ctl.set_health(id, now_up) {
+                Ok(()) => unapplied = None,
+                Err(e) => tracing::error!(
+                    %addr,
+                    error = %format!("{e:#}"),
+                    "applying a health change; retrying at the next check"
+                ),
             }
             shared.announce.notify_one();
         }

@@ -44,6 +44,8 @@ pub struct Daemon {
     pub nofile: Option<u64>,
     /// `NOTIFY_SOCKET` for the daemon (systemd's readiness protocol), when set.
     pub notify_socket: Option<PathBuf>,
+    /// More environment for the daemon (e.g. `MPTCP_LB_FAILPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -70,6 +72,7 @@ impl Daemon {
             hups: 0,
             nofile: None,
             notify_socket: None,
+            env: Vec::new(),
         };
         d.write_config(config);
         d
@@ -127,6 +130,7 @@ impl Daemon {
         if let Some(n) = &self.notify_socket {
             command.env("NOTIFY_SOCKET", n);
         }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(n) = self.nofile {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing

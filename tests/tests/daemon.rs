@@ -699,6 +699,95 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
     assert_eq!(next(), "STOPPING=1");
 }
 
+/// A reload whose map writes fail halfway (a write failure made on demand in this debug
+/// build) is refused and rolled back: the daemon reports and forwards with the running
+/// configuration, not half of the new one; the next reload applies it whole. A health
+/// verdict whose write failed is applied at the next check.
+#[test]
+fn failed_writes_are_rolled_back_or_retried() {
+    if !privileged("failed_writes_are_rolled_back_or_retried") {
+        return;
+    }
+    let tb = Testbed::new("mlb-fpt", 3);
+    let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    let tag = "fpt";
+    let two = Testbed::daemon_config(tag, &Testbed::service_toml("web", &[1, 2], ""));
+    let mut d = Daemon::prepare(&tb.lb, tag, &two);
+    // The first apply is the start-up's; the second is the reload below.
+    d.env.push(("MPTCP_LB_FAILPOINT".into(), "apply:2".into()));
+    d.spawn();
+    d.write_config(&Testbed::daemon_config(
+        tag,
+        &Testbed::service_toml("web", &[1, 2, 3], ""),
+    ));
+    let out = d.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the failed reload was reported as applied"
+    );
+    assert!(
+        said.contains("the running configuration was re-applied"),
+        "{said}"
+    );
+    let listed = |d: &Daemon| -> Vec<String> {
+        d.json(&["inspect", "backends", "--json"])
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| r["address"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let b3 = backend_addr4(3).to_string();
+    assert!(
+        !listed(&d).contains(&b3),
+        "backend 3 half-installed: {:?}",
+        listed(&d)
+    );
+    assert_eq!(d.backend_state("web", &b3), None, "status claims backend 3");
+    let before = accepted(&servers);
+    let errors = run_clients(&tb.client, 30, 5, false, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        accepted(&servers)[2],
+        before[2],
+        "backend 3 got connections"
+    );
+    // Applied whole the next time.
+    let out = d.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(listed(&d).contains(&b3));
+    assert!(d.term());
+    let out = d.cli(&["detach", "--pin-path", d.pin_path.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Health: the first state change's write fails; the next check applies it.
+    let tag = "fpt2";
+    let mut h = Daemon::prepare(
+        &tb.lb,
+        tag,
+        &Testbed::daemon_config(tag, &Testbed::service_toml("web", &[1], &health("tcp"))),
+    );
+    h.env
+        .push(("MPTCP_LB_FAILPOINT".into(), "set-bits:1".into()));
+    h.spawn();
+    h.wait_state(
+        "web",
+        &backend_addr4(1).to_string(),
+        "active",
+        Duration::from_secs(10),
+    );
+    assert!(
+        h.log().contains("retrying at the next check"),
+        "{}",
+        h.log()
+    );
+}
+
 /// User plus system CPU seconds of process `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
