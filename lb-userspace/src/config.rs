@@ -96,6 +96,9 @@ pub enum HealthKind {
     Mptcp,
     /// An HTTP GET that must answer the expected status.
     Http,
+    /// The same over TLS (rustls): the certificate is checked against `tls_ca_file` or
+    /// the system's roots, for `tls_server_name` or the backend's address.
+    Https,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -118,6 +121,13 @@ pub struct HealthCheck {
     pub http_path: String,
     #[serde(default = "default_http_status")]
     pub http_status: u16,
+    /// `https`: PEM file of the CA certificates to trust (default: the system's).
+    pub tls_ca_file: Option<PathBuf>,
+    /// `https`: the name the certificate must carry (default: the backend's address).
+    pub tls_server_name: Option<String>,
+    /// `https`: check the certificate at all (default true; false trusts any).
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
 }
 
 fn default_interval_ms() -> u64 {
@@ -668,7 +678,17 @@ fn check_health(h: &HealthCheck) -> Result<(), (&'static str, String)> {
             ),
         ));
     }
-    if h.kind == HealthKind::Http && !(100..=599).contains(&h.http_status) {
+    if h.kind != HealthKind::Https
+        && (h.tls_ca_file.is_some() || h.tls_server_name.is_some() || !h.tls_verify)
+    {
+        return Err((
+            "kind",
+            "tls_ca_file, tls_server_name and tls_verify apply to kind = \"https\" only".into(),
+        ));
+    }
+    if matches!(h.kind, HealthKind::Http | HealthKind::Https)
+        && !(100..=599).contains(&h.http_status)
+    {
         return Err((
             "http_status",
             format!("{} is not an HTTP status", h.http_status),

@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, os::fd::AsRawFd as _};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::config::{HealthCheck, HealthKind};
 
@@ -78,55 +77,184 @@ async fn probe_inner(check: &HealthCheck, addr: SocketAddr) -> Result<(), Failur
             }
         }
         HealthKind::Http => {
-            let mut s = tokio::net::TcpStream::connect(addr)
+            let s = tokio::net::TcpStream::connect(addr)
                 .await
                 .map_err(|e| io_failure("connect", &e))?;
-            let req = format!(
-                "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: mptcp-lb-health\r\nConnection: close\r\n\r\n",
-                check.http_path,
-                host_header(addr)
-            );
-            s.write_all(req.as_bytes())
+            http_status(check, s, addr).await
+        }
+        HealthKind::Https => {
+            let s = tokio::net::TcpStream::connect(addr)
                 .await
-                .map_err(|e| io_failure("send", &e))?;
-            let mut head = Vec::with_capacity(256);
-            let mut buf = [0u8; 256];
-            while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
-                let n = s.read(&mut buf).await.map_err(|e| io_failure("read", &e))?;
-                if n == 0 {
-                    break;
-                }
-                head.extend_from_slice(&buf[..n]);
-            }
-            let status = parse_status(&head)?;
-            if status == check.http_status {
-                Ok(())
-            } else {
-                Err(Failure::Backend(format!(
-                    "HTTP status {status}, expected {}",
-                    check.http_status
-                )))
-            }
+                .map_err(|e| io_failure("connect", &e))?;
+            let tls = tls_connect(check, s, addr).await?;
+            http_status(check, tls, addr).await
         }
     }
+}
+
+/// One GET of `http_path` over `stream` (hyper, HTTP/1.1): the answer's status must be
+/// `http_status`. Redirects are not followed (a 301 is a 301); the answer's head is
+/// bounded (16 KiB) and its body never read.
+async fn http_status<S>(check: &HealthCheck, stream: S, addr: SocketAddr) -> Result<(), Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::Empty;
+    use hyper::header;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(16 * 1024)
+        .handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| Failure::Backend(format!("HTTP: {e}")))?;
+    let req = hyper::Request::get(check.http_path.as_str())
+        .header(header::HOST, host_header(addr))
+        .header(header::USER_AGENT, "mptcp-lb-health")
+        .header(header::CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| Failure::Backend(format!("HTTP request: {e}")))?;
+    // The connection is driven beside the request, and dropped with the probe
+    // (answered, failed or timed out).
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _driver = AbortOnDrop(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| Failure::Backend(format!("HTTP: {e}")))?;
+    let status = resp.status().as_u16();
+    if status == check.http_status {
+        Ok(())
+    } else {
+        Err(Failure::Backend(format!(
+            "HTTP status {status}, expected {}",
+            check.http_status
+        )))
+    }
+}
+
+/// The system's trusted roots, read once.
+fn native_roots() -> &'static [tokio_rustls::rustls::pki_types::CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<
+        Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    > = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
+/// Accepts any certificate (`tls_verify = false`), still checking the handshake's
+/// signatures with the provider's algorithms.
+#[derive(Debug)]
+struct NoVerify(std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
+        _: &tokio_rustls::rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS (rustls) over `stream`: the backend's certificate is checked against
+/// `tls_ca_file` (else the system's roots) for `tls_server_name` (else the backend's
+/// address), unless `tls_verify = false`.
+async fn tls_connect(
+    check: &HealthCheck,
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Failure> {
+    use tokio_rustls::rustls::{self, pki_types::ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::Local(format!("TLS: {e}")))?;
+    let config = if check.tls_verify {
+        let mut roots = rustls::RootCertStore::empty();
+        match &check.tls_ca_file {
+            Some(path) => {
+                use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| Failure::Local(format!("tls_ca_file {}: {e}", path.display())))?;
+                for c in certs {
+                    let c = c.map_err(|e| {
+                        Failure::Local(format!("tls_ca_file {}: {e}", path.display()))
+                    })?;
+                    let _ = roots.add(c);
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(native_roots().iter().cloned());
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    };
+    let name = match &check.tls_server_name {
+        Some(n) => ServerName::try_from(n.clone())
+            .map_err(|e| Failure::Local(format!("tls_server_name {n:?}: {e}")))?,
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| Failure::Backend(format!("TLS: {e}")))
 }
 
 /// The Host header for `addr` (RFC 9110: an IPv6 literal in brackets, and the port).
 pub fn host_header(addr: SocketAddr) -> String {
     addr.to_string()
-}
-
-/// The status code of an HTTP/1.x status line.
-pub fn parse_status(head: &[u8]) -> Result<u16, String> {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/") => code
-            .parse()
-            .map_err(|_| format!("bad HTTP status line {:?}", line.trim_end())),
-        _ => Err(format!("not an HTTP answer: {:?}", line.trim_end())),
-    }
 }
 
 async fn connect_mptcp(addr: SocketAddr) -> Result<tokio::net::TcpStream, Failure> {
@@ -240,18 +368,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn http_status_lines() {
-        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\nServer: x\r\n"), Ok(200));
-        assert_eq!(
-            parse_status(b"HTTP/1.0 503 Service Unavailable\r\n"),
-            Ok(503)
-        );
-        assert!(parse_status(b"SSH-2.0-OpenSSH\r\n").is_err());
-        assert!(parse_status(b"HTTP/1.1 abc\r\n").is_err());
-        assert!(parse_status(b"").is_err());
-    }
-
     fn check(kind: HealthKind) -> HealthCheck {
         HealthCheck {
             kind,
@@ -262,8 +378,13 @@ mod tests {
             fall: 1,
             http_path: "/healthz".into(),
             http_status: 200,
+            tls_ca_file: None,
+            tls_server_name: None,
+            tls_verify: true,
         }
     }
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A one-shot HTTP server on loopback answering `status`.
     async fn http_server(status: &'static str) -> SocketAddr {
@@ -275,7 +396,7 @@ mod tests {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut buf = [0u8; 512];
                 let n = s.read(&mut buf).await.unwrap_or(0);
-                let ok = buf[..n].starts_with(b"GET /healthz HTTP/1.0\r\n");
+                let ok = buf[..n].starts_with(b"GET /healthz HTTP/1.1\r\n");
                 let line = if ok {
                     status
                 } else {
@@ -338,5 +459,74 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// An HTTPS server on loopback with a self-signed certificate for 127.0.0.1;
+    /// returns its address and the certificate (PEM).
+    async fn https_server() -> (SocketAddr, String) {
+        use tokio_rustls::rustls;
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+        let pem = cert.cert.pem();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 512];
+                    let n = tls.read(&mut buf).await.unwrap_or(0);
+                    let line = if buf[..n].starts_with(b"GET /healthz HTTP/1.1\r\n") {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    } else {
+                        "HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n"
+                    };
+                    let _ = tls.write_all(line.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (addr, pem)
+    }
+
+    /// HTTPS checks: a certificate signed by the configured CA passes; the same
+    /// certificate without that CA fails, as a certificate for another name does;
+    /// tls_verify = false passes whatever the certificate.
+    #[tokio::test]
+    async fn https_checks_verify_the_certificate() {
+        let (addr, pem) = https_server().await;
+        let ca = std::env::temp_dir().join(format!("mlb-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, pem).expect("ca file");
+        let mut c = check(HealthKind::Https);
+        c.tls_ca_file = Some(ca.clone());
+        assert_eq!(probe(&c, addr).await, Ok(()));
+        c.tls_server_name = Some("backend.example".into());
+        let e = probe(&c, addr).await.expect_err("wrong name");
+        assert!(e.to_string().contains("TLS:"), "{e}");
+        let untrusted = check(HealthKind::Https);
+        let e = probe(&untrusted, addr).await.expect_err("unknown issuer");
+        assert!(
+            matches!(&e, Failure::Backend(m) if m.contains("certificate")),
+            "{e}"
+        );
+        let mut any = check(HealthKind::Https);
+        any.tls_verify = false;
+        assert_eq!(probe(&any, addr).await, Ok(()));
+        let _ = std::fs::remove_file(&ca);
     }
 }

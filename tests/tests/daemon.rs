@@ -763,7 +763,11 @@ fn failed_writes_are_rolled_back_or_retried() {
     assert!(listed(&d).contains(&b3));
     assert!(d.term());
     let out = d.cli(&["detach", "--pin-path", d.pin_path.to_str().expect("path")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Health: the first state change's write fails; the next check applies it.
     let tag = "fpt2";
