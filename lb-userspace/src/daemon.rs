@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::AsyncWriteExt as _,
     net::{TcpListener, UnixListener},
     signal::unix::{SignalKind, signal},
     sync::Mutex,
@@ -479,19 +479,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One request line from `r`: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`].
 async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> Result<String, String> {
-    use tokio::io::AsyncReadExt as _;
-    let mut line = String::new();
-    let mut limited = BufReader::new(r.take(MAX_REQUEST));
-    match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line)).await {
+    use futures_util::StreamExt as _;
+    use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+    let mut lines = FramedRead::new(r, LinesCodec::new_with_max_length(MAX_REQUEST as usize));
+    match tokio::time::timeout(REQUEST_TIMEOUT, lines.next()).await {
         Err(_) => Err(format!(
             "no request line within {} s",
             REQUEST_TIMEOUT.as_secs()
         )),
-        Ok(Err(e)) => Err(format!("reading the request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => Err(format!(
+        Ok(None) => Err("the connection closed before a request".into()),
+        Ok(Some(Err(LinesCodecError::MaxLineLengthExceeded))) => Err(format!(
             "a request is one line of at most {MAX_REQUEST} bytes"
         )),
-        Ok(Ok(_)) => Ok(line),
+        Ok(Some(Err(e))) => Err(format!("reading the request: {e}")),
+        Ok(Some(Ok(line))) => Ok(line),
     }
 }
 
@@ -689,7 +690,7 @@ mod tests {
     async fn control_requests_are_one_bounded_line() {
         assert_eq!(
             read_request(&b"{\"op\":\"status\"}\n"[..]).await,
-            Ok("{\"op\":\"status\"}\n".to_string())
+            Ok("{\"op\":\"status\"}".to_string())
         );
         let huge = vec![b'x'; 1 << 20];
         let e = read_request(&huge[..]).await.expect_err("too long");
