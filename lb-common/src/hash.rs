@@ -25,9 +25,10 @@ const fn fmix(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// MurmurHash3-style keyed hash of a flow's 5-tuple.
+/// The seed mixed with a flow's addresses (both families), the part that a 5-tuple hash
+/// and a client-address hash share.
 #[inline(always)]
-pub fn flow_hash(k: &FlowKey, seed: u32) -> u32 {
+fn mix_addresses(k: &FlowKey, seed: u32) -> u32 {
     let mut h = seed;
     h = mix(h, k.src[0]);
     h = mix(h, k.dst[0]);
@@ -39,6 +40,13 @@ pub fn flow_hash(k: &FlowKey, seed: u32) -> u32 {
         h = mix(h, k.dst[2]);
         h = mix(h, k.dst[3]);
     }
+    h
+}
+
+/// MurmurHash3-style keyed hash of a flow's 5-tuple.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey, seed: u32) -> u32 {
+    let mut h = mix_addresses(k, seed);
     h = mix(h, (k.sport as u32) << 16 | k.dport as u32);
     h = mix(h, k.proto as u32);
     fmix(h)
@@ -48,18 +56,7 @@ pub fn flow_hash(k: &FlowKey, seed: u32) -> u32 {
 /// same value, whatever its ports and protocol (client-address affinity).
 #[inline(always)]
 pub fn client_hash(k: &FlowKey, seed: u32) -> u32 {
-    let mut h = seed;
-    h = mix(h, k.src[0]);
-    h = mix(h, k.dst[0]);
-    if k.family == crate::maps::FAMILY_V6 {
-        h = mix(h, k.src[1]);
-        h = mix(h, k.src[2]);
-        h = mix(h, k.src[3]);
-        h = mix(h, k.dst[1]);
-        h = mix(h, k.dst[2]);
-        h = mix(h, k.dst[3]);
-    }
-    fmix(h)
+    fmix(mix_addresses(k, seed))
 }
 
 /// Keyed hash of a 32-bit value (an MPTCP token under the `hash` join policy).
