@@ -388,35 +388,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Service { action } => {
-            let (config, new, what) = match &action {
+            type Edit = fn(&str, &str, &str) -> anyhow::Result<String>;
+            let (service, vip, config, edit, what): (_, _, _, Edit, _) = match &action {
                 ServiceAction::AddVip {
                     service,
                     vip,
                     config,
-                } => {
-                    let old = std::fs::read_to_string(config)
-                        .with_context(|| format!("reading {}", config.display()))?;
-                    (
-                        config,
-                        lb_userspace::edit::add_vip(&old, service, vip)?,
-                        "added",
-                    )
-                }
+                } => (service, vip, config, lb_userspace::edit::add_vip, "added"),
                 ServiceAction::RemoveVip {
                     service,
                     vip,
                     config,
-                } => {
-                    let old = std::fs::read_to_string(config)
-                        .with_context(|| format!("reading {}", config.display()))?;
-                    (
-                        config,
-                        lb_userspace::edit::remove_vip(&old, service, vip)?,
-                        "removed",
-                    )
-                }
+                } => (
+                    service,
+                    vip,
+                    config,
+                    lb_userspace::edit::remove_vip,
+                    "removed",
+                ),
             };
-            let old = std::fs::read_to_string(config)?;
+            let old = std::fs::read_to_string(config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let new = edit(&old, service, vip)?;
             // The whole new file is checked as the daemon will check it, before it is
             // written.
             let parsed = lb_userspace::config::Config::parse(
