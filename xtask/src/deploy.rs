@@ -338,18 +338,26 @@ fn bird_config(args: &DeployArgs, l: &Layout, config: &str) -> anyhow::Result<St
 
 /// The pid in `pid_file` when it runs `program` with `config` among its arguments.
 fn pid_running(pid_file: &Path, program: &str, config: &Path) -> Option<i32> {
+    let (pid, args) = process_of(pid_file)?;
+    let ok = args
+        .first()
+        .is_some_and(|a| a.ends_with(program.as_bytes()))
+        && args
+            .iter()
+            .any(|a| a == config.as_os_str().as_encoded_bytes());
+    ok.then_some(pid)
+}
+
+/// The pid a pid file names, and that process's arguments (from /proc), while it runs.
+fn process_of(pid_file: &Path) -> Option<(i32, Vec<Vec<u8>>)> {
     let pid: i32 = std::fs::read_to_string(pid_file)
         .ok()?
         .trim()
         .parse()
         .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ok = args
-        .first()
-        .is_some_and(|a| a.ends_with(program.as_bytes()))
-        && args.contains(&config.as_os_str().as_encoded_bytes());
-    ok.then_some(pid)
+    let args = cmdline.split(|b| *b == 0).map(<[u8]>::to_vec).collect();
+    Some((pid, args))
 }
 
 /// Writes the node's BIRD configuration, checks it, and starts BIRD or has the running
@@ -528,12 +536,10 @@ fn write_synced(path: &Path, text: &str) -> anyhow::Result<()> {
 /// --config l.config`, read from /proc. A pid file that outlived its daemon (a crash, a
 /// reboot) may name an unrelated process by now, which must not get our SIGTERM.
 fn running_pid(l: &Layout) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(&l.pid).ok()?.trim().parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let (pid, args) = process_of(&l.pid)?;
     let is = |a: &[u8], p: &Path| a == p.as_os_str().as_encoded_bytes();
     let ours = args.first().is_some_and(|a| is(a, &l.bin))
-        && args.contains(&b"run".as_slice())
+        && args.iter().any(|a| a == b"run")
         && args.iter().any(|a| is(a, &l.config));
     if !ours {
         println!(
