@@ -10,6 +10,25 @@ use std::{
 
 use crate::netns::{Netns, wait_until};
 
+/// `mptcp-lb ARGS` inside the namespace at `ns_path` (through nsenter, which keeps the
+/// host's bpffs visible).
+fn cli_command(ns_path: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={ns_path}"))
+        .arg("--")
+        .arg(binary())
+        .args(args);
+    cmd
+}
+
+/// Runs `mptcp-lb ARGS` inside namespace `ns`, e.g. on a backend or a node without a
+/// [`Daemon`] of this process.
+pub fn cli_in(ns: &Netns, args: &[&str]) -> Output {
+    cli_command(&ns.path(), args)
+        .output()
+        .expect("run mptcp-lb")
+}
+
 /// The `mptcp-lb` binary of this build: `$MPTCP_LB_BIN`, else beside this executable
 /// (a bin) or one directory up (a test, which runs from `deps/`).
 pub fn binary() -> PathBuf {
@@ -228,11 +247,7 @@ impl Daemon {
     /// Runs the CLI (in the daemon's namespace) with `--socket`/`--pin-path` supplied
     /// where the subcommand takes them.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.ns_path))
-            .arg("--")
-            .arg(binary())
-            .args(args);
+        let mut cmd = cli_command(&self.ns_path, args);
         match args.first() {
             Some(&("status" | "reload" | "backend" | "node")) => {
                 cmd.arg("--socket").arg(&self.socket);

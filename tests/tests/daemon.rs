@@ -10,7 +10,7 @@ use std::{
 };
 
 use mptcp_lb_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, cli_in},
     netns::{Netns, wait_until},
     privileged,
     testbed::{
@@ -552,15 +552,8 @@ fn auto_xdp_mode_on_veth_forwards_and_says_why() {
         vec!["inspect", "services"],
         vec!["backend", "drain", "web", "10.0.11.2"],
     ] {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", tb.lb.path()))
-            .arg("--")
-            .arg(mptcp_lb_tests::daemon::binary())
-            .args(&args)
-            .arg("--config")
-            .arg(&d.config)
-            .output()
-            .expect("mptcp-lb");
+        let config = d.config.to_str().expect("path");
+        let out = cli_in(&tb.lb, &[&args[..], &["--config", config]].concat());
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && said.contains("web"),
@@ -589,13 +582,7 @@ fn a_vip_is_added_and_removed_through_the_file() {
     let cfg = d.config.to_str().expect("path").to_string();
     let vip = format!("{}:{HEALTH_PORT}", mptcp_lb_tests::testbed::VIP4);
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", tb.lb.path()))
-            .arg("--")
-            .arg(mptcp_lb_tests::daemon::binary())
-            .args(args)
-            .output()
-            .expect("mptcp-lb");
+        let out = cli_in(&tb.lb, args);
         (
             out.status.success(),
             format!(

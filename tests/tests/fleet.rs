@@ -9,15 +9,10 @@
 //! joins that land on another node are lost. Checked on the backends: their MPTCP
 //! counters and each connection's subflows read from its socket.
 
-use std::{
-    net::IpAddr,
-    process::{Command, Output},
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{net::IpAddr, process::Output, sync::atomic::Ordering, time::Duration};
 
 use mptcp_lb_tests::{
-    daemon::{Daemon, binary},
+    daemon::{Daemon, cli_in},
     netns::Netns,
     privileged,
     testbed::{
@@ -62,17 +57,6 @@ fn service(port: bool) -> String {
     s
 }
 
-/// `mptcp-lb ARGS` in namespace `ns`.
-fn cli_in(ns: &Netns, args: &[&str]) -> Output {
-    Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .arg("--")
-        .arg(binary())
-        .args(args)
-        .output()
-        .expect("run mptcp-lb")
-}
-
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -94,6 +78,16 @@ fn counter(d: &Daemon, name: &str) -> u64 {
     d.json(&["inspect", "stats", "--json"])[name]
         .as_u64()
         .unwrap_or(0)
+}
+
+/// Every connection the servers recorded after `before` (their counts then) had both
+/// subflows on its backend.
+fn assert_both_subflows_since(servers: &[Server], before: &[usize]) {
+    for (i, s) in servers.iter().enumerate() {
+        for r in &records(s)[before[i]..] {
+            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
+        }
+    }
 }
 
 /// Service `web`'s Maglev table on node `d`, slot by slot, as backend addresses (ids
@@ -388,11 +382,7 @@ fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
         moved > 0,
         "no flow moved to the new node: the test proves nothing"
     );
-    for (i, s) in servers.iter().enumerate() {
-        for r in &records(s)[before[i]..] {
-            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
-        }
-    }
+    assert_both_subflows_since(servers, &before);
     d
 }
 
@@ -430,11 +420,7 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
         moved > 0,
         "no flow moved to another node: the test proves nothing"
     );
-    for (i, s) in servers.iter().enumerate() {
-        for r in &records(s)[before[i]..] {
-            assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
-        }
-    }
+    assert_both_subflows_since(servers, &before);
     // Node 2 back, for what follows.
     tb.router.run(&["ip", "link", "set", "rtl2", "up"]);
     tb.start_node_bgp(2);

@@ -76,21 +76,12 @@ fn testbed_up_twice_then_down_leaves_nothing() {
     let (ok, out) = lab(&["status"]);
     assert!(ok, "{out}");
     assert!(out.contains("mlb-tb-lb") && out.contains("web"), "{out}");
-    let pids: Vec<String> = std::fs::read_to_string("/run/mptcp-lb-testbed/pids")
-        .expect("pid file")
-        .lines()
-        .map(String::from)
-        .collect();
+    let pids = testbed_pids();
     assert_eq!(pids.len(), 4, "three servers and the daemon");
     let (ok, out) = lab(&["down"]);
     assert!(ok, "{out}");
     assert!(namespaces("mlb-tb-").is_empty(), "namespaces left: {out}");
-    for p in pids {
-        // A killed child of ours is a zombie until reaped by init; check its state.
-        let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let alive = !state.is_empty() && !state.contains(") Z ");
-        assert!(!alive, "process {p} left behind");
-    }
+    assert_gone(&pids);
 }
 
 /// `demo --lb-nodes 3`: the fleet behind BGP and ECMP, every join held when steered by
@@ -173,11 +164,7 @@ fn fleet_testbed_up_then_down_leaves_nothing() {
     let (ok, out) = lab(&["up", "--lb-nodes", "2"]);
     assert!(ok, "{out}");
     assert!(out.contains("mptcp-lb running on 2 nodes"), "{out}");
-    let pids: Vec<String> = std::fs::read_to_string("/run/mptcp-lb-testbed/pids")
-        .expect("pid file")
-        .lines()
-        .map(String::from)
-        .collect();
+    let pids = testbed_pids();
     assert_eq!(
         pids.len(),
         3 + 2 + 3,
@@ -186,7 +173,22 @@ fn fleet_testbed_up_then_down_leaves_nothing() {
     let (ok, out) = lab(&["down"]);
     assert!(ok, "{out}");
     assert!(namespaces("mlb-tb-").is_empty(), "namespaces left: {out}");
+    assert_gone(&pids);
+}
+
+/// The processes `testbed up` started, from its pid file.
+fn testbed_pids() -> Vec<String> {
+    std::fs::read_to_string("/run/mptcp-lb-testbed/pids")
+        .expect("pid file")
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// None of `pids` runs any more.
+fn assert_gone(pids: &[String]) {
     for p in pids {
+        // A killed child of ours is a zombie until reaped by init; check its state.
         let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         let alive = !state.is_empty() && !state.contains(") Z ");
         assert!(!alive, "process {p} left behind");

@@ -11,7 +11,7 @@ use std::{
 };
 
 use mptcp_lb_tests::{
-    daemon::{Daemon, binary},
+    daemon::{Daemon, binary, cli_in},
     netns::{Netns, namespaces},
     testbed::{
         ConnRecord, HEALTH_PORT, Server, Testbed, VIP4, VIP6, backend_addr4, exchange, serve,
@@ -304,6 +304,19 @@ fn show_cli(d: &Daemon, args: &[&str]) {
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// How many connections each server has recorded so far.
+fn records_seen(servers: &[Server]) -> Vec<usize> {
+    servers
+        .iter()
+        .map(|s| s.records.lock().expect("records").len())
+        .collect()
+}
+
+/// Per position, how much `now` grew since `before`.
+fn since(now: &[u64], before: &[u64]) -> Vec<u64> {
+    now.iter().zip(before).map(|(a, b)| a - b).collect()
+}
+
 fn join_resets(tb: &Testbed) -> Vec<u64> {
     tb.backends
         .iter()
@@ -356,20 +369,13 @@ fn demo(keep: bool) -> Result<(), String> {
         t,
         &format!("opening {n} MPTCP connections (IPv4 and IPv6 VIP), each adds a second subflow"),
     );
-    let before: Vec<usize> = servers
-        .iter()
-        .map(|s| s.records.lock().expect("r").len())
-        .collect();
+    let before = records_seen(&servers);
     let resets_before = join_resets(&tb);
     let outcomes = connections(&tb, n);
     let choice = lb_choices(&d);
     println!("\nWith MPTCP awareness ON (joins follow their token):");
     let (good_on, total) = report(&outcomes, &servers, &before, &choice, RESET, None);
-    let resets_on: u64 = join_resets(&tb)
-        .iter()
-        .zip(&resets_before)
-        .map(|(a, b)| a - b)
-        .sum();
+    let resets_on: u64 = since(&join_resets(&tb), &resets_before).iter().sum();
     println!(
         "=> {good_on} of {total} connections have every subflow on their backend; backends reset {resets_on} joins with an unknown token\n"
     );
@@ -385,10 +391,7 @@ fn demo(keep: bool) -> Result<(), String> {
     for s in &servers {
         s.join_wait_ms.store(3000, Ordering::Relaxed);
     }
-    let before: Vec<usize> = servers
-        .iter()
-        .map(|s| s.records.lock().expect("r").len())
-        .collect();
+    let before = records_seen(&servers);
     let resets_before = join_resets(&tb);
     let outcomes = connections(&tb, n);
     let choice = lb_choices(&d);
@@ -396,11 +399,7 @@ fn demo(keep: bool) -> Result<(), String> {
         "\nWith MPTCP awareness OFF (a classic L4 balancer: each subflow hashed on its own 5-tuple):"
     );
     let (good_off, _) = report(&outcomes, &servers, &before, &choice, RESET, None);
-    let resets: Vec<u64> = join_resets(&tb)
-        .iter()
-        .zip(&resets_before)
-        .map(|(a, b)| a - b)
-        .collect();
+    let resets = since(&join_resets(&tb), &resets_before);
     println!(
         "=> {good_off} of {total} connections kept their second subflow (only by luck of the hash); backends reset {} joins (MPJoinNoTokenFound per backend: {resets:?})\n",
         resets.iter().sum::<u64>()
@@ -488,14 +487,10 @@ fn start_fleet(tb: &Testbed, prefix: &str, port: bool) -> Vec<Daemon> {
 /// `mptcp-lb join-ports ACTION --config FILE` on every backend; prints what each said.
 fn join_ports(tb: &Testbed, action: &str, file: &Path) -> Result<(), String> {
     for (i, be) in tb.backends.iter().enumerate() {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", be.path()))
-            .arg("--")
-            .arg(binary())
-            .args(["join-ports", action, "--config"])
-            .arg(file)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let file = file
+            .to_str()
+            .ok_or("a configuration path that is not UTF-8")?;
+        let out = cli_in(be, &["join-ports", action, "--config", file]);
         let said = String::from_utf8_lossy(&out.stdout);
         for line in said.lines() {
             println!("  be{}: {line}", i + 1);
@@ -598,10 +593,7 @@ fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
             "opening {n} MPTCP connections (IPv4 and IPv6 VIP), each adds a second subflow from cell"
         ),
     );
-    let before: Vec<usize> = servers
-        .iter()
-        .map(|s| s.records.lock().expect("r").len())
-        .collect();
+    let before = records_seen(&servers);
     let routed_before = per_node(&daemons, "join_port_routed");
     let outcomes = connections(&tb, n);
     let choice = fleet_choices(&daemons);
@@ -609,11 +601,7 @@ fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
         "\nJoins steered by PORT (each backend announced VIP:2000i; no state shared by the nodes):"
     );
     let (good_on, total) = report(&outcomes, &servers, &before, &choice, LOST, Some(&tb));
-    let routed: Vec<u64> = per_node(&daemons, "join_port_routed")
-        .iter()
-        .zip(&routed_before)
-        .map(|(a, b)| a - b)
-        .collect();
+    let routed = since(&per_node(&daemons, "join_port_routed"), &routed_before);
     println!(
         "=> {good_on} of {total} connections have every subflow on their backend; join SYNs steered by port per node: {routed:?}\n"
     );
@@ -630,10 +618,7 @@ fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
     for s in &servers {
         s.join_wait_ms.store(3000, Ordering::Relaxed);
     }
-    let before: Vec<usize> = servers
-        .iter()
-        .map(|s| s.records.lock().expect("r").len())
-        .collect();
+    let before = records_seen(&servers);
     let dropped_before = per_node(&daemons, "join_unknown_dropped");
     // IPv4 only: without announcements the client's second path (IPv4) joins the IPv4
     // service port, and an IPv6 connection would have nothing to join.
@@ -643,11 +628,7 @@ fn demo_fleet(nodes: usize, keep: bool) -> Result<(), String> {
         "\nJoins steered by TOKEN through {nodes} nodes (ECMP sends each join to a node of its own):"
     );
     let (good_off, _) = report(&outcomes, &servers, &before, &choice, LOST, Some(&tb));
-    let dropped: Vec<u64> = per_node(&daemons, "join_unknown_dropped")
-        .iter()
-        .zip(&dropped_before)
-        .map(|(a, b)| a - b)
-        .collect();
+    let dropped = since(&per_node(&daemons, "join_unknown_dropped"), &dropped_before);
     println!(
         "=> {good_off} of {total} connections kept their second subflow (their join reached the node that saw the handshake); join SYNs dropped as unknown per node: {dropped:?}\n"
     );
