@@ -105,6 +105,11 @@ impl Maps {
 }
 
 /// Packets and bytes summed over CPUs.
+/// Entries in a hash map, by a walk over its keys (one evicted meanwhile is skipped).
+pub fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> usize {
+    map.keys().filter(Result::is_ok).count()
+}
+
 pub fn total(per_cpu: &PerCpuValues<Traffic>) -> Traffic {
     per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
         packets: a.packets + t.packets,
@@ -431,12 +436,12 @@ impl Dataplane {
 
     /// Entries in the connection table (a walk over its keys).
     pub fn conn_entries(&self) -> usize {
-        self.maps.conns.keys().filter(Result::is_ok).count()
+        entries(&self.maps.conns)
     }
 
     /// Learned tokens (a walk over the token table's keys).
     pub fn token_entries(&self) -> usize {
-        self.maps.tokens.keys().filter(Result::is_ok).count()
+        entries(&self.maps.tokens)
     }
 
     /// Packets and bytes a backend was sent, summed over CPUs.

@@ -60,8 +60,8 @@ impl TableCounter {
     /// (connection entries, token entries), each a walk over the table's keys.
     pub fn count(&self) -> (usize, usize) {
         (
-            self.conns.keys().filter(Result::is_ok).count(),
-            self.tokens.keys().filter(Result::is_ok).count(),
+            crate::dataplane::entries(&self.conns),
+            crate::dataplane::entries(&self.tokens),
         )
     }
 }
