@@ -477,13 +477,18 @@ impl Testbed {
     /// A daemon configuration for this testbed: the `[balancer]` section (pin path and
     /// control socket those of [`crate::daemon::Daemon::paths`]`(tag)`), then `services`.
     pub fn daemon_config(tag: &str, services: &str) -> String {
-        Testbed::node_config(tag, 1, services)
-            .replace(&format!("announce_route_table = {ANNOUNCE_TABLE}\n"), "")
+        Testbed::balancer_config(tag, 1, "", services)
     }
 
     /// The same for balancer node `k` of a fleet: its own addresses as the tunnels'
     /// source, and its VIPs announced through [`ANNOUNCE_TABLE`].
     pub fn node_config(tag: &str, k: usize, services: &str) -> String {
+        let announce = format!("announce_route_table = {ANNOUNCE_TABLE}\n");
+        Testbed::balancer_config(tag, k, &announce, services)
+    }
+
+    /// Node `k`'s `[balancer]` section with `extra` lines, then `services`.
+    fn balancer_config(tag: &str, k: usize, extra: &str, services: &str) -> String {
         let (_, socket, pins) = crate::daemon::Daemon::paths(tag);
         let (a4, a6) = node_addrs(k);
         format!(
@@ -497,8 +502,7 @@ conn_table_size = 65536
 token_table_size = 65536
 source_v4 = "{a4}"
 source_v6 = "{a6}"
-announce_route_table = {ANNOUNCE_TABLE}
-
+{extra}
 {services}"#,
             pins.display(),
             socket.display()
