@@ -464,6 +464,38 @@ fn announcements_follow_the_node(tb: &Testbed, daemons: &mut [Daemon]) {
     );
 
     let d3 = &daemons[2];
+    // All of node 3's backends draining: their established connections and joins still
+    // need the route, so the VIPs stay in its table.
+    let syncs = |d: &Daemon| d.status()["announce_syncs"].as_u64().unwrap_or(0);
+    for i in 1..=BACKENDS {
+        ok(
+            d3,
+            &["backend", "drain", "web", &backend_addr4(i).to_string()],
+        );
+    }
+    // Two syncs after this point: the second began after every drain above. (Each
+    // `node undrain`, a no-op here, wakes the announcer.)
+    let before = syncs(d3);
+    mptcp_lb_tests::netns::wait_until(Duration::from_secs(10), "two announcement syncs", || {
+        ok(d3, &["node", "undrain"]);
+        (syncs(d3) > before + 1).then_some(())
+    });
+    let table = String::from_utf8_lossy(
+        &tb.node(3)
+            .try_run(&["ip", "-4", "route", "show", "table", "200"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        table.contains(&VIP4.to_string()),
+        "a draining service was withdrawn: {table:?}"
+    );
+    for i in 1..=BACKENDS {
+        ok(
+            d3,
+            &["backend", "undrain", "web", &backend_addr4(i).to_string()],
+        );
+    }
     for i in 1..=BACKENDS {
         ok(
             d3,
