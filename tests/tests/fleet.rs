@@ -510,6 +510,26 @@ fn announcements_follow_the_node(tb: &Testbed, daemons: &mut [Daemon]) {
         );
     }
     tb.wait_next_hops(NODES, Duration::from_secs(10));
+    // Someone else removes an announcement from node 3's table: the daemon puts it back
+    // at its next periodic sync (every 10 s).
+    let vip4 = format!("{VIP4}/32");
+    tb.node(3).run(&[
+        "ip", "route", "del", &vip4, "dev", "lo", "table", "200", "proto", "91",
+    ]);
+    let t = std::time::Instant::now();
+    mptcp_lb_tests::netns::wait_until(Duration::from_secs(15), "the route put back", || {
+        String::from_utf8_lossy(
+            &tb.node(3)
+                .try_run(&["ip", "-4", "route", "show", "table", "200"])
+                .stdout,
+        )
+        .contains(&VIP4.to_string())
+        .then_some(())
+    });
+    println!(
+        "a route removed by hand was back after {} ms",
+        t.elapsed().as_millis()
+    );
     println!("node drain, undrain, and a node without a usable backend: the router followed each");
 }
 
