@@ -108,6 +108,9 @@ counters! {
     /// An MP_JOIN SYN to the join port of a backend out of service (down, disabled or
     /// removed): dropped, as a token join for it would be.
     DropJoinPortBackendOut = "drop_join_port_backend_out",
+    /// Keys of a version 0 handshake that did not echo the client key of its SYN: not
+    /// used (forged, or not of this connection).
+    LearnKeyMismatch = "learn_key_mismatch",
 }
 
 /// Number of global counters.

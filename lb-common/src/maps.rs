@@ -234,6 +234,11 @@ pub const CONN_MPTCP: u32 = 1;
 pub const CONN_TOKEN_DONE: u32 = 2;
 /// `Conn::flags`: the flow is an additional subflow (it began with MP_JOIN).
 pub const CONN_JOIN: u32 = 4;
+/// `Conn::flags`: the flow began with a version 0 MP_CAPABLE SYN, which carries the
+/// client's key; until learning is over, `Conn::token` holds that key's low 32 bits, and
+/// only a packet echoing the same client key may teach the token. A client that forges
+/// a third ACK without having seen the SYN cannot match it.
+pub const CONN_KEY_CHECK: u32 = 8;
 /// `Conn::flags`: how many packets of a flow still learning its token taught nothing
 /// (3 bits). Learning gives up (the connection fell back to plain TCP) at
 /// [`LEARN_MISSES_MAX`], not at the first such packet: a packet reordered ahead of the
@@ -256,7 +261,9 @@ const REFRESH_UNIT_SHIFT: u32 = 6;
 pub struct Conn {
     pub backend: u32,
     pub service: u32,
-    /// MPTCP token of the connection this flow belongs to (0 = none known).
+    /// MPTCP token of the connection this flow belongs to, once `CONN_TOKEN_DONE` is set
+    /// (0 = none known). While a version 0 flow learns, the low half of its client's key
+    /// (`CONN_KEY_CHECK`). [`Conn::known_token`] reads it right.
     pub token: u32,
     /// `CONN_*` bits.
     pub flags: u32,
@@ -264,6 +271,12 @@ pub struct Conn {
 const _: () = assert!(core::mem::size_of::<Conn>() == 16);
 
 impl Conn {
+    /// The connection's token, if learning is over and gave one.
+    #[inline(always)]
+    pub fn known_token(&self) -> Option<u32> {
+        (self.flags & CONN_TOKEN_DONE != 0 && self.token != 0).then_some(self.token)
+    }
+
     /// The high half of `flags` once the flow refreshed its token at `jiffies`: bit 31
     /// set (a flow that never refreshed has 0 there), then 15 bits of the time unit.
     #[inline(always)]

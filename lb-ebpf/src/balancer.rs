@@ -259,6 +259,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     let mut backend_id = 0;
     // What a new table entry for this flow records (used when it is not in the table).
     let mut conn_flags = 0;
+    let mut conn_token = 0;
     if is_syn {
         // A SYN starts a connection: it is placed now (Maglev, or its token for a join)
         // and overwrites whatever the table remembers of its 5-tuple, without reading
@@ -271,13 +272,23 @@ pub fn balance(ctx: &XdpContext) -> u32 {
             None
         };
         match option {
-            Some(MptcpOption::Capable { version, .. }) => {
+            Some(MptcpOption::Capable {
+                version,
+                sender_key,
+                ..
+            }) => {
                 count(if version == 0 {
                     Counter::MpCapableSynV0
                 } else {
                     Counter::MpCapableSynV1
                 });
                 conn_flags = CONN_MPTCP;
+                // A version 0 SYN carries the client's key: the keys that teach the token
+                // must echo it (a third ACK forged without seeing this SYN cannot).
+                if let Some(k) = sender_key {
+                    conn_flags |= CONN_KEY_CHECK;
+                    conn_token = k as u32;
+                }
                 // Its backend sets the C bit and announces a join port: a version 1
                 // client never joins this port, so its token is not needed.
                 if version == 1 && vip.flags & VIP_STEERS_BY_PORT != 0 {
@@ -336,13 +347,13 @@ pub fn balance(ctx: &XdpContext) -> u32 {
             Some(b) if b.flags != 0 => {
                 backend_id = c.backend;
                 count(Counter::ConnHit);
-                if c.token != 0 {
+                if let Some(token) = c.known_token() {
                     // SAFETY: plain helper call; the verifier inlines it as a load.
                     let jiffies = unsafe { bpf_jiffies64() };
                     if c.refresh_due(jiffies) {
                         // SAFETY: conn is the live map value read above.
                         unsafe { (*conn).flags = c.refreshed_flags(jiffies) };
-                        mptcp::refresh(c.token, c.backend);
+                        mptcp::refresh(token, c.backend);
                     }
                 } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP
                     && cfg.flags & CONFIG_NO_MPTCP == 0
@@ -380,7 +391,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
             let conn = Conn {
                 backend: backend_id,
                 service: vip.service,
-                token: 0,
+                token: conn_token,
                 flags: conn_flags,
             };
             let _ = CONNS.insert(key, conn, 0);

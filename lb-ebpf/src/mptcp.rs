@@ -85,12 +85,13 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         _ => {
             count(Counter::LearnBackendOut);
             // SAFETY: as above.
-            unsafe { (*conn).flags = c.flags | CONN_TOKEN_DONE };
+            unsafe { conclude(conn, c.flags, 0) };
             return;
         }
     }
     let Some(MptcpOption::Capable {
         version,
+        sender_key,
         receiver_key: Some(key),
         ..
     }) = option(ctx, pkt)
@@ -101,11 +102,21 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         let (flags, over) = c.learn_missed();
         if over {
             count(Counter::MptcpFallback);
+            // SAFETY: as above.
+            unsafe { conclude(conn, flags, 0) };
+        } else {
+            // SAFETY: as above.
+            unsafe { (*conn).flags = flags };
         }
-        // SAFETY: as above.
-        unsafe { (*conn).flags = flags };
         return;
     };
+    // The SYN of a version 0 connection told its client's key: keys that do not echo it
+    // were forged (or belong to no connection of this flow) and are not used, nor counted
+    // as a miss, so that they cannot hasten the fallback either.
+    if c.flags & CONN_KEY_CHECK != 0 && sender_key.map(|k| k as u32) != Some(c.token) {
+        count(Counter::LearnKeyMismatch);
+        return;
+    }
     // Each token costs a SHA-256 and an insert, and clients make handshakes at will:
     // over the limit the keys are not used, and a later packet with keys may teach.
     if crate::balancer::over_rate(ctx, RATE_LEARNING, cfg.max_learn_rate) {
@@ -174,9 +185,20 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         owned = false;
     }
     // SAFETY: as above.
+    unsafe { conclude(conn, c.flags, if owned { token } else { 0 }) };
+}
+
+/// Ends learning for the flow at `conn`: `token` (0 for none) replaces what the token
+/// field held while learning (a version 0 client's key check).
+///
+/// # Safety
+/// `conn` points at a live flow-table value.
+#[inline(always)]
+unsafe fn conclude(conn: *mut Conn, flags: u32, token: u32) {
+    // SAFETY: the caller's promise.
     unsafe {
-        (*conn).token = if owned { token } else { 0 };
-        (*conn).flags = c.flags | CONN_TOKEN_DONE;
+        (*conn).token = token;
+        (*conn).flags = (flags & !CONN_KEY_CHECK) | CONN_TOKEN_DONE;
     }
 }
 
@@ -218,11 +240,12 @@ pub fn refresh(token: u32, backend: u32) {
 pub fn learned_recently(key: &FlowKey) -> Option<u32> {
     // SAFETY: Conn and TokenEntry are Copy and read at once.
     let c = unsafe { CONNS.get(key) }.copied()?;
-    if c.token == 0 || c.flags & CONN_JOIN != 0 {
+    let token = c.known_token()?;
+    if c.flags & CONN_JOIN != 0 {
         return None;
     }
     // SAFETY: as above.
-    let e = unsafe { TOKENS.get(c.token) }.copied()?;
+    let e = unsafe { TOKENS.get(token) }.copied()?;
     if e.backend != c.backend || now().wrapping_sub(e.learned_ns) >= RELEARN_HOLDOFF_NS {
         return None;
     }

@@ -470,12 +470,12 @@ pub struct ConnRow {
     pub kind: String,
 }
 
-fn conn_kind(flags: u32, token: u32) -> &'static str {
+fn conn_kind(flags: u32, token: Option<u32>) -> &'static str {
     if flags & CONN_JOIN != 0 {
         "mptcp-join"
     } else if flags & CONN_MPTCP == 0 {
         "plain"
-    } else if token != 0 {
+    } else if token.is_some() {
         "mptcp-learned"
     } else if flags & CONN_TOKEN_DONE != 0 {
         "mptcp-fallback"
@@ -501,7 +501,7 @@ pub fn conns(p: &Pinned, f: &Filter) -> anyhow::Result<Vec<ConnRow>> {
         let backend = backends.get(&c.backend).map(|(a, _)| *a);
         if f.service.as_ref().is_some_and(|s| *s != service)
             || f.backend.is_some_and(|b| Some(b) != backend)
-            || f.token.is_some_and(|t| t != c.token)
+            || f.token.is_some_and(|t| Some(t) != c.known_token())
         {
             continue;
         }
@@ -512,8 +512,8 @@ pub fn conns(p: &Pinned, f: &Filter) -> anyhow::Result<Vec<ConnRow>> {
             service,
             backend,
             backend_id: c.backend,
-            token: (c.token != 0).then(|| format!("{:08x}", c.token)),
-            kind: conn_kind(c.flags, c.token).into(),
+            token: c.known_token().map(|t| format!("{t:08x}")),
+            kind: conn_kind(c.flags, c.known_token()).into(),
         });
     }
     rows.sort_by(|a, b| (&a.token, &a.client).cmp(&(&b.token, &b.client)));

@@ -221,6 +221,66 @@ fn one_packet_without_keys_does_not_settle_learning() {
     });
 }
 
+/// A version 0 SYN carries the client's key, and the real third ACK echoes it. Third
+/// ACKs with another client key (forged by someone who knows the 5-tuple but did not see
+/// the SYN) teach nothing, however many, and do not hasten the fallback: the real one
+/// still teaches. Before, the first of them taught its made-up token.
+#[test]
+fn version_0_keys_must_echo_the_client_key_of_the_syn() {
+    let test = "version_0_keys_must_echo_the_client_key_of_the_syn";
+    with_balancer(test, "v0echo", |mut dp, _, link| {
+        let ifindex = link.ifindex;
+        let run = |dp: &mut Dataplane, p: &[u8]| run_once(dp.program(), p, ifindex).0;
+        let c = |dp: &Dataplane, k| dp.counter(k).expect("counter");
+        // MP_CAPABLE_SYN_V0 carries this client key.
+        let client_key = 0xc1c2_c3c4_c5c6_c7c8u64;
+        let (real, forged) = (0x0d0d_0000_0000_0001u64, 0x0d0d_0000_0000_0002u64);
+        let port = 41400;
+        let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V0, &[]);
+        let ack = |client: u64, server: u64| {
+            tcp4(
+                CLIENT4,
+                vip4(6),
+                port,
+                80,
+                ACK,
+                &mp_capable_keys(0, 20, client, server),
+                &[],
+            )
+        };
+        assert_eq!(run(&mut dp, &syn), XDP_TX);
+        let rounds = lb_common::maps::LEARN_MISSES_MAX as u64 + 2;
+        for k in 0..rounds {
+            assert_eq!(run(&mut dp, &ack(client_key ^ 1, forged + k)), XDP_TX);
+        }
+        for k in 0..rounds {
+            assert!(
+                dp.maps.tokens.get(&sha1_token(forged + k), 0).is_err(),
+                "a third ACK that does not echo the SYN's client key taught a token"
+            );
+        }
+        assert_eq!(c(&dp, Counter::LearnKeyMismatch), rounds);
+        assert_eq!(
+            c(&dp, Counter::MptcpFallback),
+            0,
+            "forged keys settled learning"
+        );
+        assert_eq!(run(&mut dp, &ack(client_key, real)), XDP_TX);
+        assert!(
+            dp.maps.tokens.get(&sha1_token(real), 0).is_ok(),
+            "the real third ACK taught its token"
+        );
+        assert_eq!(c(&dp, Counter::TokenLearnedV0), 1);
+        // The flow entry now holds the token, not the key check.
+        let conn = dp
+            .maps
+            .conns
+            .get(&key4(CLIENT4, vip4(6), port, 80, 6), 0)
+            .expect("the flow's entry");
+        assert_eq!(conn.known_token(), Some(sha1_token(real)));
+    });
+}
+
 /// One client, one 5-tuple, rounds of three packets: an MP_CAPABLE SYN, an ACK with a
 /// made-up key, and a plain ACK (which makes the balancer use the new token). Before,
 /// every round taught a token and the token table's LRU pushed out the real ones. Now a
