@@ -41,6 +41,12 @@ pub const MAP_SERVICE_META: &str = "LB_SVC_META";
 /// Controller metadata: backend id → [`BackendMeta`] (service, weight, why it is out of
 /// the Maglev table). Administrative drains survive a daemon restart through it.
 pub const MAP_BACKEND_META: &str = "LB_BE_META";
+/// Backend side: ring buffer of [`TokenEvent`]s, one per SYN/ACK with MP_CAPABLE leaving
+/// the backend (`token_egress`), read by `mptcp-lb agent`. Not pinned.
+pub const MAP_TOKEN_EVENTS: &str = "LB_TOKEN_EVENTS";
+/// Bytes of [`MAP_TOKEN_EVENTS`]: 8,192 events of 32 bytes (plus the ring's 8-byte record
+/// headers) between two reads of the agent.
+pub const TOKEN_EVENTS_BYTES: u32 = 1 << 19;
 
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
@@ -164,6 +170,9 @@ pub const VIP_STEERS_BY_PORT: u32 = 2;
 /// client's address alone (every connection of one client to one backend, as IPVS
 /// persistence does), not on the 5-tuple.
 pub const VIP_AFFINITY_CLIENT: u32 = 4;
+/// A service port whose service learns tokens only from its backends' announcements
+/// (`learn_tokens = "backend"`): client packets teach nothing.
+pub const VIP_NO_CLIENT_LEARNING: u32 = 8;
 /// Where a join port's backend id sits in [`VipInfo::flags`].
 pub const VIP_BACKEND_SHIFT: u32 = 16;
 const _: () = assert!(MAX_BACKENDS <= 1 << (32 - VIP_BACKEND_SHIFT));
@@ -326,9 +335,33 @@ pub struct TokenEntry {
     pub last_seen_ns: u64,
     /// MPTCP version the token was derived for (0 = SHA-1, 1 = SHA-256).
     pub version: u32,
-    pub _pad: u32,
+    /// Who told the balancer: [`TOKEN_FROM_CLIENT`] (learned from the handshake) or
+    /// [`TOKEN_FROM_BACKEND`] (announced by the backend, the authority on its tokens).
+    pub origin: u32,
 }
 const _: () = assert!(core::mem::size_of::<TokenEntry>() == 32);
+/// [`TokenEntry::origin`]: learned in the dataplane from the client's handshake.
+pub const TOKEN_FROM_CLIENT: u32 = 0;
+/// [`TokenEntry::origin`]: announced by the backend's agent.
+pub const TOKEN_FROM_BACKEND: u32 = 1;
+
+/// One SYN/ACK with MP_CAPABLE leaving a backend, as `token_egress` reports it: the
+/// server key, and the address and port the connection was made to (the SYN/ACK's
+/// source: the VIP, under direct server return).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TokenEvent {
+    /// Address in network order; IPv4 in word 0, the rest zero.
+    pub addr: [u32; 4],
+    pub key: u64,
+    /// Port in network order.
+    pub port: u16,
+    pub family: u8,
+    /// MP_CAPABLE version (0 or 1).
+    pub version: u8,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<TokenEvent>() == 32);
 
 /// Packets and bytes, per CPU, per service or backend.
 #[repr(C)]

@@ -283,16 +283,19 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                     Counter::MpCapableSynV1
                 });
                 conn_flags = CONN_MPTCP;
-                // A version 0 SYN carries the client's key: the keys that teach the token
-                // must echo it (a third ACK forged without seeing this SYN cannot).
-                if let Some(k) = sender_key {
+                // Nothing to learn from the client when its backends announce their
+                // tokens (`learn_tokens = "backend"`), or when they set the C bit and
+                // announce a join port: a version 1 client never joins this port.
+                if vip.flags & VIP_NO_CLIENT_LEARNING != 0
+                    || (version == 1 && vip.flags & VIP_STEERS_BY_PORT != 0)
+                {
+                    conn_flags |= CONN_TOKEN_DONE;
+                } else if let Some(k) = sender_key {
+                    // A version 0 SYN carries the client's key: the keys that teach the
+                    // token must echo it (a third ACK forged without seeing this SYN
+                    // cannot).
                     conn_flags |= CONN_KEY_CHECK;
                     conn_token = k as u32;
-                }
-                // Its backend sets the C bit and announces a join port: a version 1
-                // client never joins this port, so its token is not needed.
-                if version == 1 && vip.flags & VIP_STEERS_BY_PORT != 0 {
-                    conn_flags |= CONN_TOKEN_DONE;
                 }
                 // Not a restart of learning for a flow that just learned: its entry and
                 // token stay, and the SYN follows them.

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{BENCH_FRAME, CONN_MPTCP, TokenEntry},
+    maps::{BENCH_FRAME, CONN_MPTCP, TOKEN_FROM_CLIENT, TokenEntry},
     mptcp,
 };
 
@@ -121,7 +121,7 @@ pub fn token_insert_only(ctx: &XdpContext) -> u32 {
         learned_ns: 1,
         last_seen_ns: 1,
         version: 1,
-        _pad: 0,
+        origin: TOKEN_FROM_CLIENT,
     };
     match TOKENS.insert(seq.wrapping_mul(0x9e37_79b9), entry, BPF_NOEXIST as u64) {
         Ok(()) => xdp_action::XDP_PASS,

@@ -14,8 +14,13 @@ mod icmp;
 mod maps;
 mod mptcp;
 mod parse;
+mod token_egress;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// The load balancer, attached to the interface that receives VIP traffic.
 #[xdp]
@@ -27,6 +32,12 @@ pub fn mptcp_lb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
+}
+
+/// Backend side (tc egress): reports each SYN/ACK with MP_CAPABLE to `mptcp-lb agent`.
+#[classifier]
+pub fn token_egress(ctx: TcContext) -> i32 {
+    token_egress::token_egress(&ctx)
 }
 
 /// Benchmark harness: restores the original frame, then runs the balancer.

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     counters::{COUNTER_SLOTS, Counter},
@@ -16,6 +16,10 @@ use lb_common::{
 /// Run-time settings (seed, ring size, outer sources).
 #[map(name = "LB_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Backend side: SYN/ACKs with MP_CAPABLE leaving the host, for `mptcp-lb agent`.
+#[map(name = "LB_TOKEN_EVENTS")]
+pub static TOKEN_EVENTS: RingBuf = RingBuf::with_byte_size(TOKEN_EVENTS_BYTES, 0);
 
 /// VIP → service, plus address-only markers for fragments and extension headers.
 #[map(name = "LB_VIPS")]

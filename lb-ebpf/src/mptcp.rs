@@ -140,7 +140,7 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         learned_ns: t,
         last_seen_ns: t,
         version: version as u32,
-        _pad: 0,
+        origin: TOKEN_FROM_CLIENT,
     };
     // The common case, a token nobody holds, costs one insert: BPF_NOEXIST fails only
     // when the token is already there. Two CPUs may run this for one flow at once (its
@@ -156,7 +156,7 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         let e = unsafe { &mut *e };
         if e.backend == c.backend {
             e.last_seen_ns = t;
-        } else if t.wrapping_sub(e.last_seen_ns) < idle_ns(cfg) {
+        } else if t.saturating_sub(e.last_seen_ns) < idle_ns(cfg) {
             // Live for another backend: keep it (a forged or colliding handshake must
             // not redirect another connection's joins).
             count(Counter::TokenCollision);
@@ -227,7 +227,7 @@ pub fn refresh(token: u32, backend: u32) {
         let t = now();
         // SAFETY: a live map value.
         let e = unsafe { &mut *e };
-        if e.backend == backend && t.wrapping_sub(e.last_seen_ns) > TOKEN_REFRESH_NS {
+        if e.backend == backend && t.saturating_sub(e.last_seen_ns) > TOKEN_REFRESH_NS {
             e.last_seen_ns = t;
         }
     }
@@ -246,7 +246,7 @@ pub fn learned_recently(key: &FlowKey) -> Option<u32> {
     }
     // SAFETY: as above.
     let e = unsafe { TOKENS.get(token) }.copied()?;
-    if e.backend != c.backend || now().wrapping_sub(e.learned_ns) >= RELEARN_HOLDOFF_NS {
+    if e.backend != c.backend || now().saturating_sub(e.learned_ns) >= RELEARN_HOLDOFF_NS {
         return None;
     }
     match BACKENDS.get(c.backend) {
@@ -261,7 +261,9 @@ pub fn learned_recently(key: &FlowKey) -> Option<u32> {
 pub fn owner(ctx: &XdpContext, token: u32, service: u32, cfg: &Config) -> Option<u32> {
     // SAFETY: TokenEntry is Copy and read at once.
     let e = unsafe { TOKENS.get(token) }.copied()?;
-    if now().wrapping_sub(e.last_seen_ns) >= idle_ns(cfg) {
+    // Saturating: the daemon stamps the tokens the backends announce with the precise
+    // clock, which may run up to a tick ahead of this coarse one; such a token is fresh.
+    if now().saturating_sub(e.last_seen_ns) >= idle_ns(cfg) {
         count(Counter::TokenExpired);
         let _ = TOKENS.remove(token);
         return None;

@@ -72,6 +72,22 @@ pub enum Affinity {
     ClientAddress,
 }
 
+/// Where a service's nodes learn its connections' MPTCP tokens from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnTokens {
+    /// From the client's handshake, in the dataplane (needs no backend software; a node
+    /// learns only the connections whose third ACK it forwards).
+    #[default]
+    Client,
+    /// Only from the backends' announcements (`mptcp-lb agent` on each backend): every
+    /// node knows every token one client round trip before the client can join, and no
+    /// client packet can create or change a token.
+    Backend,
+    /// Both.
+    Both,
+}
+
 /// How a service's MP_JOIN subflows find their backend.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -179,6 +195,8 @@ pub struct ServiceConfig {
     pub join_steering: JoinSteering,
     #[serde(default)]
     pub affinity: Affinity,
+    #[serde(default)]
+    pub learn_tokens: LearnTokens,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,
 }
@@ -262,6 +280,12 @@ pub struct BalancerConfig {
     /// A fleet behind ECMP: the kernel routing table the daemon keeps its VIP routes in,
     /// for the node's BGP speaker to announce (see `announce`). None: no announcements.
     pub announce_route_table: Option<u32>,
+    /// Where this node receives the backends' token announcements (UDP), for services
+    /// with `learn_tokens = "backend"` or `"both"`. None: not received.
+    pub token_announcements_listen: Option<SocketAddr>,
+    /// The key the announcements are authenticated with (HMAC-SHA256), shared with the
+    /// backends' agents: a file of at least 32 bytes (e.g. `openssl rand -hex 32`).
+    pub token_announcements_key_file: Option<PathBuf>,
     /// MPTCP awareness (token learning, joins steered by token). Off, joins are placed
     /// by their 5-tuple like any SYN, as a classic L4 balancer does: for comparison.
     #[serde(default = "default_true")]
@@ -453,6 +477,13 @@ impl Config {
                 ),
             ));
         }
+        if b.token_announcements_listen.is_some() && b.token_announcements_key_file.is_none() {
+            return Err(bad(
+                "balancer.token_announcements_key_file".into(),
+                "missing: announcements are accepted only with the key the backends' agents share"
+                    .into(),
+            ));
+        }
         if b.token_idle_secs == 0 {
             return Err(bad(
                 "balancer.token_idle_secs".into(),
@@ -583,6 +614,12 @@ impl Config {
                     (_, Some(0)) => return Err(bad(field, "port 0 cannot be a join port".into())),
                     _ => {}
                 }
+            }
+            if s.learn_tokens != LearnTokens::Client && b.token_announcements_listen.is_none() {
+                return Err(bad(
+                    at("learn_tokens"),
+                    "learning from the backends needs balancer.token_announcements_listen (and its key file)".into(),
+                ));
             }
             if s.join_steering == JoinSteering::Port
                 && !s
@@ -896,6 +933,20 @@ health = { kind = "mptcp" }
                 )
                 .replace("drain = true", "join_port = 20002"),
                 "service[0] (web).backend[0].join_port: 203.0.113.10:443/tcp is already a port of service \"web\"",
+            ),
+            (
+                variant(
+                    r#"health = { kind = "mptcp" }"#,
+                    r#"learn_tokens = "backend""#,
+                ),
+                "service[0] (web).learn_tokens: learning from the backends needs balancer.token_announcements_listen",
+            ),
+            (
+                variant(
+                    "hash_seed = 7",
+                    "hash_seed = 7\ntoken_announcements_listen = \"0.0.0.0:7400\"",
+                ),
+                "balancer.token_announcements_key_file: missing",
             ),
         ];
         for (text, expected) in cases {

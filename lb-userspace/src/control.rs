@@ -74,7 +74,38 @@ pub struct Status {
     /// Times the announcer brought the table in line with what should be announced.
     #[serde(default)]
     pub announce_syncs: u64,
+    /// Token announcements from the backends' agents, when this node receives them.
+    #[serde(default)]
+    pub token_announcements: Option<TokenAnnouncementStatus>,
     pub services: Vec<ServiceStatus>,
+}
+
+/// What this node did with the backends' token announcements.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TokenAnnouncementStatus {
+    pub listen: String,
+    pub datagrams: u64,
+    /// Authentic, fresh datagrams from a configured backend.
+    pub accepted: u64,
+    /// Datagrams not believed, per reason (`announcement::Refusal::label`).
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// Entries of accepted datagrams, per outcome (`controller::Announced::label`).
+    pub entries: std::collections::BTreeMap<String, u64>,
+    pub agents: Vec<AgentStatus>,
+}
+
+/// One backend's agent, as this node hears it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub backend: IpAddr,
+    pub datagrams: u64,
+    pub entries: u64,
+    pub last_unix_ms: u64,
+    /// Receive time minus the agent's send time, last datagram (clock offset included).
+    pub last_lag_ms: i64,
+    pub max_lag_ms: i64,
+    /// The agent's run (changes when it restarts).
+    pub boot: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -430,6 +430,9 @@ impl Controller {
             if s.affinity == config::Affinity::ClientAddress {
                 flags |= VIP_AFFINITY_CLIENT;
             }
+            if s.learn_tokens == config::LearnTokens::Backend {
+                flags |= VIP_NO_CLIENT_LEARNING;
+            }
             for v in &s.vips {
                 let vip = config::parse_vip(v).map_err(anyhow::Error::msg)?;
                 want_vips.insert(
@@ -789,12 +792,153 @@ impl Controller {
         out
     }
 
+    /// The service of a TCP VIP (a service port, not a join port).
+    pub fn service_of_vip(&self, addr: IpAddr, port: u16) -> Option<u32> {
+        let info = self.vips.get(&Vip {
+            addr,
+            port,
+            proto: 6,
+        })?;
+        (info.flags & VIP_JOIN_PORT == 0).then_some(info.service)
+    }
+
+    /// The backend at `address` in service `service_id`.
+    pub fn backend_in(&self, service_id: u32, address: IpAddr) -> Option<&BackendState> {
+        self.backends
+            .values()
+            .find(|b| b.service_id == service_id && b.address == address)
+    }
+
+    /// Applies one entry of an authentic, fresh announcement from the backend at
+    /// `backend`, with the same rules as learning in the dataplane: the token goes to
+    /// that backend unless another backend announced it and it is still live (first
+    /// writer wins); a token learned from a client's handshake gives way (the backend is
+    /// the authority on its tokens); a backend out of service gets none.
+    pub fn apply_announced(
+        &mut self,
+        backend: IpAddr,
+        e: &crate::announcement::Entry,
+    ) -> Announced {
+        let Some(sid) = self.service_of_vip(e.vip.ip().to_canonical(), e.vip.port()) else {
+            return Announced::UnknownVip;
+        };
+        let learns = self
+            .config
+            .services
+            .iter()
+            .find(|s| self.services.get(&s.name) == Some(&sid))
+            .is_some_and(|s| s.learn_tokens != config::LearnTokens::Client);
+        if !learns {
+            return Announced::NotLearning;
+        }
+        let Some(b) = self.backend_in(sid, backend) else {
+            return Announced::NotItsBackend;
+        };
+        if b.state & TOKENS_DROPPED != 0 {
+            return Announced::OutOfService;
+        }
+        let id = b.id;
+        let now = crate::inspect::monotonic_coarse_ns();
+        let idle = self
+            .config
+            .balancer
+            .token_idle_secs
+            .saturating_mul(1_000_000_000);
+        let old = self.dp.maps.tokens.get(&e.token, 0).ok();
+        if !e.live {
+            if old.is_some_and(|o| o.backend == id) {
+                let _ = self.dp.maps.tokens.remove(&e.token);
+                return Announced::Removed;
+            }
+            return Announced::Unchanged;
+        }
+        let learned_ns = match old {
+            Some(o) if o.backend == id => o.learned_ns,
+            Some(o)
+                if o.origin == TOKEN_FROM_BACKEND && now.saturating_sub(o.last_seen_ns) < idle =>
+            {
+                return Announced::Collision;
+            }
+            _ => now,
+        };
+        let entry = TokenEntry {
+            backend: id,
+            service: sid,
+            learned_ns,
+            last_seen_ns: now,
+            version: e.version as u32,
+            origin: TOKEN_FROM_BACKEND,
+        };
+        match self.dp.maps.tokens.insert(e.token, entry, 0) {
+            Ok(()) => Announced::Applied,
+            Err(err) => {
+                tracing::warn!(
+                    token = format!("{:08x}", e.token),
+                    "token table refused an announced token: {err}"
+                );
+                Announced::InsertFailed
+            }
+        }
+    }
+
+    /// The configured backends' addresses (any service).
+    pub fn backend_addresses(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.backends.values().map(|b| b.address).collect()
+    }
+
     pub fn backends(&self) -> impl Iterator<Item = &BackendState> {
         self.backends.values()
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&String, &u32)> {
         self.services.iter()
+    }
+}
+
+/// What became of one announced token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Announced {
+    Applied,
+    Removed,
+    /// A closed connection's token this node did not hold for that backend.
+    Unchanged,
+    /// Live for another backend that announced it first.
+    Collision,
+    /// No service of this node has that VIP:port.
+    UnknownVip,
+    /// The service learns tokens from clients only.
+    NotLearning,
+    /// The announcing backend is not one of that service's.
+    NotItsBackend,
+    OutOfService,
+    InsertFailed,
+}
+
+impl Announced {
+    pub const ALL: [Announced; 9] = [
+        Announced::Applied,
+        Announced::Removed,
+        Announced::Unchanged,
+        Announced::Collision,
+        Announced::UnknownVip,
+        Announced::NotLearning,
+        Announced::NotItsBackend,
+        Announced::OutOfService,
+        Announced::InsertFailed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Announced::Applied => "applied",
+            Announced::Removed => "removed",
+            Announced::Unchanged => "unchanged",
+            Announced::Collision => "collision",
+            Announced::UnknownVip => "unknown_vip",
+            Announced::NotLearning => "service_not_learning",
+            Announced::NotItsBackend => "not_its_backend",
+            Announced::OutOfService => "backend_out_of_service",
+            Announced::InsertFailed => "insert_failed",
+        }
     }
 }
 

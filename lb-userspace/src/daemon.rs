@@ -58,6 +58,8 @@ struct Shared {
     announced: std::sync::Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
     /// Completed announcement syncs.
     announce_syncs: std::sync::atomic::AtomicU64,
+    /// The backends' token announcements, when received.
+    tokens_in: std::sync::Mutex<Option<crate::control::TokenAnnouncementStatus>>,
 }
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -186,11 +188,31 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         announce: tokio::sync::Notify::new(),
         announced: std::sync::Mutex::new(Default::default()),
         announce_syncs: std::sync::atomic::AtomicU64::new(0),
+        tokens_in: std::sync::Mutex::new(None),
     });
     sync_checks(&shared).await;
 
     if let Some(table) = config.balancer.announce_route_table {
         tokio::spawn(announce_loop(shared.clone(), table));
+    }
+    if let Some(listen) = config.balancer.token_announcements_listen {
+        let path = config
+            .balancer
+            .token_announcements_key_file
+            .as_ref()
+            .expect("validated: a key file comes with the listen address");
+        let key = crate::announcement::Key::load(path)
+            .context("balancer.token_announcements_key_file")?;
+        let sock = tokio::net::UdpSocket::bind(listen)
+            .await
+            .with_context(|| format!("balancer.token_announcements_listen: binding {listen}"))?;
+        *shared.tokens_in.lock().expect("tokens_in") =
+            Some(crate::control::TokenAnnouncementStatus {
+                listen: listen.to_string(),
+                ..Default::default()
+            });
+        tracing::info!(%listen, "receiving the backends' token announcements");
+        tokio::spawn(token_announcements_loop(shared.clone(), sock, key));
     }
     let control = bind_control(&config.balancer.control_socket)?;
     tokio::spawn(control_loop(shared.clone(), control));
@@ -279,6 +301,97 @@ fn monotonic_usec() -> u64 {
 
 /// Tells the service manager what the daemon is doing (systemd's `Type=notify`: ready
 /// once it forwards and answers, reloading, stopping), when `NOTIFY_SOCKET` names one.
+/// Receives the backends' token announcements and applies the authentic, fresh ones.
+async fn token_announcements_loop(
+    shared: Arc<Shared>,
+    sock: tokio::net::UdpSocket,
+    key: crate::announcement::Key,
+) {
+    use crate::announcement::{self, MAX_DATAGRAM, Refusal, ReplayGuard};
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut guard = ReplayGuard::default();
+    let refuse = |r: Refusal| {
+        if let Some(st) = shared.tokens_in.lock().expect("tokens_in").as_mut() {
+            *st.refused.entry(r.label().to_string()).or_default() += 1;
+        }
+    };
+    loop {
+        let n = match sock.recv_from(&mut buf).await {
+            Ok((n, _)) => n,
+            Err(e) => {
+                tracing::warn!("receiving a token announcement: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if let Some(st) = shared.tokens_in.lock().expect("tokens_in").as_mut() {
+            st.datagrams += 1;
+        }
+        let a = match announcement::open(&key, &buf[..n.min(MAX_DATAGRAM)]) {
+            Ok(a) if n <= MAX_DATAGRAM => a,
+            Ok(_) => {
+                refuse(Refusal::Malformed);
+                continue;
+            }
+            Err(r) => {
+                refuse(r);
+                continue;
+            }
+        };
+        let now_ms = unix_ns() / 1_000_000;
+        let t0 = Instant::now();
+        let mut ctl = shared.ctl.lock().await;
+        let locked = t0.elapsed().as_micros() as u64;
+        if !ctl.backend_addresses().contains(&a.backend) {
+            refuse(Refusal::UnknownBackend);
+            continue;
+        }
+        if let Err(r) = guard.accept(&a, now_ms) {
+            refuse(r);
+            continue;
+        }
+        let outcomes: Vec<_> = a
+            .entries
+            .iter()
+            .map(|e| ctl.apply_announced(a.backend, e))
+            .collect();
+        drop(ctl);
+        tracing::debug!(
+            locked_us = locked,
+            applied_us = t0.elapsed().as_micros() as u64,
+            "announcement applied"
+        );
+        let mut st = shared.tokens_in.lock().expect("tokens_in");
+        let Some(st) = st.as_mut() else { continue };
+        st.accepted += 1;
+        for o in outcomes {
+            *st.entries.entry(o.label().to_string()).or_default() += 1;
+        }
+        let lag = now_ms as i64 - a.sent_unix_ms as i64;
+        let agent = match st.agents.iter_mut().position(|g| g.backend == a.backend) {
+            Some(i) => &mut st.agents[i],
+            None => {
+                st.agents.push(crate::control::AgentStatus {
+                    backend: a.backend,
+                    datagrams: 0,
+                    entries: 0,
+                    last_unix_ms: 0,
+                    last_lag_ms: 0,
+                    max_lag_ms: i64::MIN,
+                    boot: String::new(),
+                });
+                st.agents.last_mut().expect("pushed")
+            }
+        };
+        agent.datagrams += 1;
+        agent.entries += a.entries.len() as u64;
+        agent.last_unix_ms = now_ms;
+        agent.last_lag_ms = lag;
+        agent.max_lag_ms = agent.max_lag_ms.max(lag);
+        agent.boot = format!("{:016x}", a.boot);
+    }
+}
+
 pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
@@ -678,6 +791,7 @@ async fn status(shared: &Arc<Shared>) -> Status {
         announce_syncs: shared
             .announce_syncs
             .load(std::sync::atomic::Ordering::Relaxed),
+        token_announcements: shared.tokens_in.lock().expect("tokens_in").clone(),
         services,
     }
 }

@@ -117,6 +117,18 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// CLOCK_MONOTONIC_COARSE now, in ns: exactly the dataplane's `bpf_ktime_get_coarse_ns`,
+/// for the stamps the daemon writes into the token table.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// "3s", "4m12s", "2h05m", "3d4h".
 pub fn human_age(secs: u64) -> String {
     match secs {
@@ -555,6 +567,9 @@ pub struct TokenRow {
     pub backend_id: u32,
     /// MPTCP version the token was derived for (0: SHA-1, 1: SHA-256).
     pub version: u32,
+    /// Who told this node: "client" (learned from the handshake) or "backend" (announced
+    /// by the backend's agent).
+    pub origin: String,
     pub learned_unix: u64,
     pub last_seen_unix: u64,
     pub idle_secs: u64,
@@ -582,6 +597,12 @@ pub fn tokens(p: &Pinned, f: &Filter) -> anyhow::Result<Vec<TokenRow>> {
             backend,
             backend_id: e.backend,
             version: e.version,
+            origin: if e.origin == lb_common::maps::TOKEN_FROM_BACKEND {
+                "backend"
+            } else {
+                "client"
+            }
+            .into(),
             learned_unix: to_unix(e.learned_ns),
             last_seen_unix: to_unix(e.last_seen_ns),
             idle_secs: mono.saturating_sub(e.last_seen_ns) / 1_000_000_000,

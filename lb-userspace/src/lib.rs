@@ -1,6 +1,8 @@
 //! The host side of mptcp-lb: loading the dataplane, the controller daemon and the CLI. `tests/` links this library to exercise the same code.
 
+pub mod agent;
 pub mod announce;
+pub mod announcement;
 pub mod config;
 pub mod control;
 pub mod controller;
@@ -16,5 +18,6 @@ pub mod kernel_log;
 pub mod loader;
 pub mod maglev;
 pub mod metrics;
+pub mod mptcp_diag;
 pub mod pins;
 pub mod privileges;

@@ -108,6 +108,26 @@ enum Command {
         #[arg(long, conflicts_with = "pin_path")]
         config: Option<std::path::PathBuf>,
     },
+    /// Backend side: announce this backend's MPTCP tokens to every balancer node (for
+    /// services with `learn_tokens = "backend"` or `"both"`). A tc egress program on
+    /// INTERFACE reports each SYN/ACK with MP_CAPABLE; every --snapshot-secs the live
+    /// connections are listed from the kernel and announced again. Runs until SIGTERM.
+    Agent {
+        /// The interface the backend's replies leave by.
+        #[arg(long)]
+        interface: String,
+        /// This backend's address, as the nodes' configuration lists it.
+        #[arg(long)]
+        backend: std::net::IpAddr,
+        /// A node's `balancer.token_announcements_listen` (repeat for each node).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<std::net::SocketAddr>,
+        /// The key shared with the nodes (`balancer.token_announcements_key_file`).
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 10)]
+        snapshot_secs: u64,
+    },
     /// Backend side: strip IPIP/IP6IP6 tunnels addressed to this host (for hosts
     /// without the ipip/ip6tnl drivers).
     Decap {
@@ -337,6 +357,19 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, .. } => lb_userspace::daemon::run(&config)?,
+        Command::Agent {
+            interface,
+            backend,
+            nodes,
+            key_file,
+            snapshot_secs,
+        } => lb_userspace::agent::run(lb_userspace::agent::Args {
+            interface,
+            backend,
+            nodes,
+            key_file,
+            snapshot: std::time::Duration::from_secs(snapshot_secs.max(1)),
+        })?,
         Command::Reload { socket } => {
             let summary = control::request(&socket.socket()?, &Request::Reload)?;
             println!("reloaded: {}", summary.as_str().unwrap_or_default());
@@ -614,6 +647,32 @@ fn status_text(s: &Status) -> String {
         ));
     } else if s.node_drained {
         out.push_str("announce    node drained (no announce_route_table configured)\n");
+    }
+    if let Some(t) = &s.token_announcements {
+        let refused: u64 = t.refused.values().sum();
+        out.push_str(&format!(
+            "tokens in   {}: {} datagrams, {} accepted, {refused} refused{}\n",
+            t.listen,
+            t.datagrams,
+            t.accepted,
+            if t.refused.is_empty() {
+                String::new()
+            } else {
+                format!(" ({:?})", t.refused)
+            }
+        ));
+        let now = lb_userspace::controller::unix_ns() / 1_000_000;
+        for g in &t.agents {
+            out.push_str(&format!(
+                "            agent {}: {} datagrams, {} tokens, last {} ms ago, lag {} ms (max {})\n",
+                g.backend,
+                g.datagrams,
+                g.entries,
+                now.saturating_sub(g.last_unix_ms),
+                g.last_lag_ms,
+                g.max_lag_ms
+            ));
+        }
     }
     out.push('\n');
     let rows: Vec<Vec<String>> = s

@@ -2,6 +2,7 @@
 //! packet-fixture runner over BPF_PROG_TEST_RUN, and packet builders.
 
 pub mod daemon;
+pub mod delay;
 pub mod fixture;
 pub mod flood;
 pub mod netns;

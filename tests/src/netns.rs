@@ -78,7 +78,7 @@ impl Netns {
         format!("/run/netns/{}", self.name)
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.path()))
             .arg("--")

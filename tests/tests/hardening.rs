@@ -5,7 +5,7 @@
 use lb_common::{
     counters::Counter,
     hash::flow_hash,
-    maps::{BACKEND_DRAINING, BACKEND_OUT_OF_SERVICE},
+    maps::{BACKEND_DRAINING, BACKEND_OUT_OF_SERVICE, VIP_NO_CLIENT_LEARNING, VipInfo},
 };
 use lb_userspace::dataplane::Dataplane;
 use mptcp_lb_tests::{
@@ -278,6 +278,78 @@ fn version_0_keys_must_echo_the_client_key_of_the_syn() {
             .get(&key4(CLIENT4, vip4(6), port, 80, 6), 0)
             .expect("the flow's entry");
         assert_eq!(conn.known_token(), Some(sha1_token(real)));
+    });
+}
+
+/// A service that learns its tokens from its backends only (`learn_tokens = "backend"`):
+/// no client packet creates a token, however many handshakes, version 0 or 1; the same
+/// handshakes on a service that learns from clients do (the control).
+#[test]
+fn a_service_learning_from_its_backends_learns_nothing_from_clients() {
+    let test = "a_service_learning_from_its_backends_learns_nothing_from_clients";
+    with_balancer(test, "bklearn", |mut dp, _, link| {
+        let ifindex = link.ifindex;
+        let handshake = |dp: &mut Dataplane, port: u16, version: u8, server_key: u64| {
+            let syn_opt: &[u8] = if version == 0 {
+                &MP_CAPABLE_SYN_V0
+            } else {
+                &MP_CAPABLE_SYN_V1
+            };
+            let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, syn_opt, &[]);
+            let ack = tcp4(
+                CLIENT4,
+                vip4(6),
+                port,
+                80,
+                ACK,
+                &mp_capable_keys(version, 20, 0xc1c2_c3c4_c5c6_c7c8, server_key),
+                &[],
+            );
+            let data = tcp4(
+                CLIENT4,
+                vip4(6),
+                port,
+                80,
+                ACK,
+                &mp_capable_keys(version, 22, 0xc1c2_c3c4_c5c6_c7c8, server_key),
+                b"data",
+            );
+            for p in [&syn, &ack, &data] {
+                assert_eq!(run_once(dp.program(), p, ifindex).0, XDP_TX);
+            }
+        };
+        // The control: learning from clients.
+        handshake(&mut dp, 45000, 1, 0x1000);
+        assert!(dp.maps.tokens.get(&sha256_token(0x1000), 0).is_ok());
+
+        let addr = v4(vip4(6));
+        dp.set_vip(
+            addr,
+            80,
+            6,
+            VipInfo {
+                service: 5,
+                flags: VIP_NO_CLIENT_LEARNING,
+            },
+        )
+        .expect("service port");
+        for k in 0..200u64 {
+            handshake(&mut dp, 45001 + k as u16, (k % 2) as u8, 0x2000 + k);
+        }
+        for k in 0..200u64 {
+            let t = if k % 2 == 0 {
+                sha1_token(0x2000 + k)
+            } else {
+                sha256_token(0x2000 + k)
+            };
+            assert!(
+                dp.maps.tokens.get(&t, 0).is_err(),
+                "a client handshake taught a token"
+            );
+        }
+        let learned = dp.counter(Counter::TokenLearnedV1).expect("counter")
+            + dp.counter(Counter::TokenLearnedV0).expect("counter");
+        assert_eq!(learned, 1, "only the control's token");
     });
 }
 

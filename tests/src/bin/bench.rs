@@ -227,7 +227,7 @@ fn main() {
             learned_ns: now,
             last_seen_ns: now,
             version: 1,
-            _pad: 0,
+            origin: lb_common::maps::TOKEN_FROM_CLIENT,
         };
         dp.maps
             .tokens

@@ -1,0 +1,277 @@
+//! `mptcp-lb agent`: the backend side of token announcements. A tc egress program
+//! (`token_egress`) reports each SYN/ACK with MP_CAPABLE leaving this backend through a
+//! ring buffer; the agent derives the token (SHA-256 for version 1, SHA-1 for version 0)
+//! and announces token -> this backend to every balancer node at once, one client round
+//! trip before the client's third ACK or any join can arrive. Every `snapshot` interval
+//! it lists this host's live MPTCP connections from the kernel and announces them all
+//! (so a node that starts or restarts learns every live token within one interval, and
+//! long idle connections keep theirs), and announces closed the tokens that are gone.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    EbpfLoader,
+    maps::RingBuf,
+    programs::{SchedClassifier, TcAttachType},
+};
+use lb_common::{
+    maps::{FAMILY_V4, MAP_CONNS, MAP_MAGLEV, MAP_TOKEN_EVENTS, MAP_TOKENS, TokenEvent},
+    mptcp::{token_v0, token_v1},
+};
+use tokio::{
+    io::unix::AsyncFd,
+    net::UdpSocket,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    announcement::{self, Announcement, Entry, Key, MAX_ENTRIES},
+    loader, mptcp_diag,
+};
+
+pub const PROG_TOKEN_EGRESS: &str = "token_egress";
+
+pub struct Args {
+    pub interface: String,
+    pub backend: IpAddr,
+    pub nodes: Vec<SocketAddr>,
+    pub key_file: PathBuf,
+    pub snapshot: Duration,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("mptcp-lb agent needs root (it loads and attaches a tc program)");
+    }
+    if args.nodes.is_empty() {
+        bail!("--node: at least one balancer node to announce to");
+    }
+    let key = Key::load(&args.key_file).context("--key-file")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(serve(args, key))
+}
+
+/// Sends announcements to every node.
+struct Sender {
+    key: Key,
+    backend: IpAddr,
+    boot: u64,
+    seq: u64,
+    nodes: Vec<SocketAddr>,
+    v4: UdpSocket,
+    v6: UdpSocket,
+    datagrams: u64,
+    entries: u64,
+    errors: u64,
+}
+
+impl Sender {
+    async fn send(&mut self, snapshot: bool, entries: &[Entry]) {
+        // A listing with nothing in it still goes out: the nodes hear the agent is alive.
+        let empty: &[&[Entry]] = &[&[]];
+        let chunks: Vec<&[Entry]> = if entries.is_empty() && snapshot {
+            empty.to_vec()
+        } else {
+            entries.chunks(MAX_ENTRIES).collect()
+        };
+        for chunk in chunks {
+            self.seq += 1;
+            let a = Announcement {
+                backend: self.backend,
+                boot: self.boot,
+                seq: self.seq,
+                sent_unix_ms: crate::controller::unix_ns() / 1_000_000,
+                snapshot,
+                entries: chunk.to_vec(),
+            };
+            let d = announcement::seal(&self.key, &a);
+            for node in &self.nodes {
+                let sock = if node.is_ipv4() { &self.v4 } else { &self.v6 };
+                match sock.send_to(&d, node).await {
+                    Ok(_) => self.datagrams += 1,
+                    Err(e) => {
+                        self.errors += 1;
+                        tracing::warn!(%node, "sending an announcement: {e}");
+                    }
+                }
+            }
+            self.entries += chunk.len() as u64;
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        // The clock is unique enough to tell two runs of one agent apart.
+        return crate::controller::unix_ns();
+    }
+    u64::from_ne_bytes(b)
+}
+
+async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loader::raise_memlock_limit();
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(MAP_MAGLEV, 1)
+        .map_max_entries(MAP_CONNS, 1)
+        .map_max_entries(MAP_TOKENS, 1)
+        .load(loader::EBPF_OBJECT)
+        .context("loading the eBPF object")?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TOKEN_EGRESS)
+        .context("token_egress program missing from the object")?
+        .try_into()?;
+    prog.load()
+        .context("the verifier refused the token_egress program")?;
+    let link = prog
+        .attach(&args.interface, TcAttachType::Egress)
+        .with_context(|| format!("attaching token_egress to {} (egress)", args.interface))?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map(MAP_TOKEN_EVENTS)
+            .with_context(|| format!("map {MAP_TOKEN_EVENTS} missing"))?,
+    )?;
+    // SAFETY: the ring buffer's descriptor stays open as long as the AsyncFd owns it.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let mut tx = Sender {
+        key,
+        backend: args.backend,
+        boot: random_u64(),
+        seq: 0,
+        nodes: args.nodes.clone(),
+        v4: UdpSocket::bind("0.0.0.0:0").await?,
+        v6: UdpSocket::bind("[::]:0").await?,
+        datagrams: 0,
+        entries: 0,
+        errors: 0,
+    };
+    tracing::info!(
+        interface = %args.interface,
+        backend = %args.backend,
+        nodes = ?args.nodes,
+        "announcing this backend's MPTCP tokens"
+    );
+    // Tokens reported by SYN/ACKs and not yet seen in a kernel listing, with when: a
+    // handshake that never completes is announced closed after a full interval.
+    let mut pending: HashMap<(u32, SocketAddr), (u8, Instant)> = HashMap::new();
+    // What the last listing announced.
+    let mut listed: HashMap<(u32, SocketAddr), u8> = HashMap::new();
+    let mut tick = tokio::time::interval(args.snapshot);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let mut news = Vec::new();
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    if item.len() < std::mem::size_of::<TokenEvent>() {
+                        continue;
+                    }
+                    let ev: TokenEvent = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<TokenEvent>()]);
+                    let e = entry_of(&ev);
+                    pending.insert((e.token, e.vip), (e.version, Instant::now()));
+                    news.push(e);
+                }
+                guard.clear_ready();
+                if !news.is_empty() {
+                    let t = Instant::now();
+                    tx.send(false, &news).await;
+                    tracing::debug!(tokens = news.len(), us = t.elapsed().as_micros() as u64, "announced");
+                }
+            }
+            _ = tick.tick() => {
+                let now = match tokio::task::spawn_blocking(mptcp_diag::connections).await? {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("listing this host's MPTCP connections: {e}");
+                        continue;
+                    }
+                };
+                let mut current: HashMap<(u32, SocketAddr), u8> = HashMap::new();
+                for c in now {
+                    let k = (c.token, c.local);
+                    let version = pending
+                        .remove(&k)
+                        .map(|(v, _)| v)
+                        .or_else(|| listed.get(&k).copied())
+                        .unwrap_or(1);
+                    current.insert(k, version);
+                }
+                let mut entries: Vec<Entry> = current
+                    .iter()
+                    .map(|(&(token, vip), &version)| Entry { token, version, vip, live: true })
+                    .collect();
+                let gone: HashSet<(u32, SocketAddr)> = listed
+                    .keys()
+                    .filter(|k| !current.contains_key(k))
+                    .copied()
+                    .collect();
+                let expired: Vec<(u32, SocketAddr)> = pending
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() >= args.snapshot)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in gone.iter().chain(&expired) {
+                    let version = listed.get(k).copied().or(pending.get(k).map(|p| p.0)).unwrap_or(1);
+                    entries.push(Entry { token: k.0, version, vip: k.1, live: false });
+                    pending.remove(k);
+                }
+                tracing::debug!(live = current.len(), closed = gone.len() + expired.len(), "snapshot");
+                tx.send(true, &entries).await;
+                listed = current;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!(
+        datagrams = tx.datagrams,
+        entries = tx.entries,
+        errors = tx.errors,
+        "agent stopping"
+    );
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TOKEN_EGRESS)
+        .expect("loaded above")
+        .try_into()?;
+    prog.detach(link)?;
+    Ok(())
+}
+
+fn entry_of(ev: &TokenEvent) -> Entry {
+    let ip = if ev.family == FAMILY_V4 {
+        IpAddr::from(ev.addr[0].to_ne_bytes())
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in ev.addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(b)
+    };
+    let token = if ev.version == 0 {
+        token_v0(ev.key)
+    } else {
+        token_v1(ev.key)
+    };
+    Entry {
+        token,
+        version: ev.version,
+        vip: SocketAddr::new(ip, u16::from_be(ev.port)),
+        live: true,
+    }
+}

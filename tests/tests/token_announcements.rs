@@ -1,0 +1,346 @@
+//! Backends announce their tokens: each backend runs `mptcp-lb agent`, whose tc egress
+//! program sees every SYN/ACK with MP_CAPABLE leave and whose agent tells every node of
+//! the fleet token -> this backend, authenticated with the fleet's key. The service
+//! learns tokens from the backends only (`learn_tokens = "backend"`), and steers joins by
+//! token (no join ports, no C bit), so a join reaches whichever node ECMP picks for its
+//! 5-tuple, and that node must know the token the backend announced. Checked where it
+//! happens: every connection's second subflow on its backend, no join SYN retransmitted
+//! by the client (each found its token on its first SYN), no token learned from client
+//! packets. Then forged, replayed and unknown-backend datagrams are refused and counted,
+//! and change no token.
+
+use std::{net::IpAddr, process::Child, sync::atomic::Ordering, time::Duration};
+
+use lb_userspace::announcement::{self, Announcement, Entry, Key};
+use mptcp_lb_tests::{
+    daemon::{Daemon, binary},
+    delay::delay_links,
+    netns::{Netns, wait_until},
+    privileged,
+    testbed::{
+        ConnRecord, PORT, Server, Testbed, VIP4, VIP6, alternate, backend_addr4, node_addrs,
+        run_clients, serve,
+    },
+};
+
+const NODES: usize = 3;
+const BACKENDS: usize = 3;
+const LISTEN: u16 = 7400;
+/// The client's one-way delay on each path (a good Wi-Fi or LTE round trip is 10-40 ms).
+const CLIENT_ONE_WAY_MS: u64 = 5;
+const SECOND_PATH: &str = "10.1.2.2";
+const KEY: &str = "6d707463702d6c622074657374206b6579206f6620746865206669656574212121";
+
+fn service() -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"web\"\nvips = [\"{VIP4}:{PORT}/tcp\", \"[{VIP6}]:{PORT}/tcp\"]\nlearn_tokens = \"backend\"\n"
+    );
+    for i in 1..=BACKENDS {
+        s.push_str(&format!(
+            "[[service.backend]]\naddress = \"{}\"\n",
+            backend_addr4(i)
+        ));
+    }
+    s
+}
+
+fn nstat(ns: &Netns, name: &str) -> u64 {
+    ns.nstat().get(name).copied().unwrap_or(0)
+}
+
+fn records(s: &Server) -> Vec<ConnRecord> {
+    s.records.lock().expect("records").clone()
+}
+
+fn counter(d: &Daemon, name: &str) -> u64 {
+    d.json(&["inspect", "stats", "--json"])[name]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn tokens_in(d: &Daemon) -> serde_json::Value {
+    d.status()["token_announcements"].clone()
+}
+
+/// Sends `datagram` from `ns` to node 1's listener.
+fn send_from(ns: &Netns, datagram: Vec<u8>) {
+    let (a4, _) = node_addrs(1);
+    ns.enter(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+        s.send_to(&datagram, (a4, LISTEN)).expect("send");
+    })
+    .join()
+    .expect("sender");
+}
+
+fn agent_log(i: usize) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("mlb-tka-agent{i}.log"))
+}
+
+/// `f`'s first Some within `limit`, polled every 50 ms.
+fn wait_until_or<R>(limit: Duration, mut f: impl FnMut() -> Option<R>) -> Option<R> {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if let Some(r) = f() {
+            return Some(r);
+        }
+        if std::time::Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
+    if !privileged("every_join_finds_its_token_on_its_first_syn_through_any_node") {
+        return;
+    }
+    let tb = Testbed::fleet("mlb-tka", NODES, BACKENDS);
+    // A client with a real round trip: 5 ms each way on both paths.
+    let _delay = delay_links(
+        "mlb-tka",
+        &tb.router,
+        &["rtw", "rtc"],
+        Duration::from_millis(CLIENT_ONE_WAY_MS),
+    );
+    let key_file = std::env::temp_dir().join("mlb-tka.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
+    let key_path = key_file.to_str().expect("path").to_string();
+    let servers: Vec<Server> = tb.backends.iter().map(serve).collect();
+    for s in &servers {
+        s.expect_joins.store(true, Ordering::Relaxed);
+    }
+    let daemons: Vec<Daemon> = (1..=NODES)
+        .map(|k| {
+            let tag = format!("tka{k}");
+            let config = Testbed::node_config(&tag, k, &service()).replacen(
+                "[balancer]\n",
+                &format!(
+                    "[balancer]\ntoken_announcements_listen = \"0.0.0.0:{LISTEN}\"\ntoken_announcements_key_file = \"{key_path}\"\n"
+                ),
+                1,
+            );
+            Daemon::start(tb.node(k), &tag, &config)
+        })
+        .collect();
+    let bin = binary();
+    let nodes: Vec<String> = (1..=NODES)
+        .map(|k| format!("{}:{LISTEN}", node_addrs(k).0))
+        .collect();
+    let mut agents: Vec<Child> = tb
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, be)| {
+            let backend = backend_addr4(i + 1).to_string();
+            let mut args = vec![
+                bin.to_str().expect("path"),
+                "agent",
+                "--interface",
+                "eth0",
+                "--backend",
+                &backend,
+                "--key-file",
+                &key_path,
+                "--snapshot-secs",
+                "2",
+            ];
+            for n in &nodes {
+                args.extend(["--node", n]);
+            }
+            // Its log, for the failure messages below.
+            let log = std::fs::File::create(agent_log(i + 1)).expect("agent log");
+            let mut cmd = be.command(&args);
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log);
+            cmd.spawn().expect("spawning the agent")
+        })
+        .collect();
+    // Every node hears every agent (its first listing, at start).
+    for d in &daemons {
+        let heard = wait_until_or(Duration::from_secs(20), || {
+            (tokens_in(d)["agents"].as_array().map_or(0, Vec::len) == BACKENDS).then_some(())
+        });
+        assert!(
+            heard.is_some(),
+            "every agent heard by every node: {}\nagents' logs:\n{}",
+            tokens_in(d),
+            (1..=BACKENDS)
+                .map(|i| std::fs::read_to_string(agent_log(i)).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // IPv6 connections start on cell and join from wifi; IPv4 ones start on wifi and
+    // join from cell.
+    tb.client_joins(true);
+    tb.client.run(&[
+        "ip",
+        "mptcp",
+        "endpoint",
+        "add",
+        SECOND_PATH,
+        "dev",
+        "cell0",
+        "subflow",
+    ]);
+    tb.wait_next_hops(NODES, Duration::from_secs(20));
+
+    let syn_retrans = nstat(&tb.client, "TcpExtTCPSynRetrans");
+    let no_token: Vec<u64> = tb
+        .backends
+        .iter()
+        .map(|be| nstat(be, "MPTcpExtMPJoinNoTokenFound"))
+        .collect();
+    let t = std::time::Instant::now();
+    let errors = run_clients(&tb.client, 200, 10, true, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    let took = t.elapsed();
+    let joined: usize = servers
+        .iter()
+        .map(|s| {
+            records(s)
+                .iter()
+                .filter(|r| r.subflow_families.len() == 2)
+                .count()
+        })
+        .sum();
+    let per_backend: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let retrans = nstat(&tb.client, "TcpExtTCPSynRetrans") - syn_retrans;
+    let lost: Vec<u64> = tb
+        .backends
+        .iter()
+        .zip(&no_token)
+        .map(|(be, b)| nstat(be, "MPTcpExtMPJoinNoTokenFound") - b)
+        .collect();
+    let per_node: Vec<(u64, u64, u64, u64)> = daemons
+        .iter()
+        .map(|d| {
+            (
+                counter(d, "join_routed"),
+                counter(d, "join_unknown_dropped"),
+                counter(d, "token_learned_v1") + counter(d, "token_learned_v0"),
+                tokens_in(d)["entries"]["applied"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    println!(
+        "200 connections in {} ms through {NODES} nodes: {joined} with their join held by their backend; connections per backend {per_backend:?}; SYNs retransmitted by the client {retrans}; joins without their connection on the backends {lost:?}; per node (joins routed by token, joins dropped as unknown, tokens learned from clients, announced entries applied) {per_node:?}",
+        took.as_millis()
+    );
+    for d in &daemons {
+        println!("{}", serde_json::to_string(&tokens_in(d)).expect("json"));
+    }
+    assert_eq!(joined, 200, "every connection kept its second subflow");
+    assert_eq!(retrans, 0, "a join (or a first SYN) was retransmitted");
+    assert!(lost.iter().all(|l| *l == 0), "{lost:?}");
+    for (routed, unknown, learned, applied) in &per_node {
+        assert_eq!(*unknown, 0, "a node met a join whose token it did not know");
+        assert_eq!(*learned, 0, "client packets taught a token");
+        assert!(*routed > 0 && *applied > 0);
+    }
+    assert_eq!(per_node.iter().map(|p| p.0).sum::<u64>(), 200);
+
+    // What a hostile client can send the nodes: a datagram in the wrong key (a forgery
+    // pointing an existing connection's token elsewhere), garbage, an announcement for
+    // a backend the nodes do not have, and a replay of an authentic one.
+    let victim = records(&servers[0])[0].token;
+    let forged = Announcement {
+        backend: IpAddr::V4(backend_addr4(2)),
+        boot: 1,
+        seq: 1,
+        sent_unix_ms: lb_userspace::controller::unix_ns() / 1_000_000,
+        snapshot: false,
+        entries: vec![Entry {
+            token: victim,
+            version: 1,
+            vip: (VIP4, PORT).into(),
+            live: true,
+        }],
+    };
+    let wrong_key = Key::new(b"not the fleet's key, but 32 bytes long".to_vec()).expect("key");
+    let key = Key::load(&key_file).expect("key");
+    let before = tokens_in(&daemons[0]);
+    let refused = |v: &serde_json::Value, r: &str| v["refused"][r].as_u64().unwrap_or(0);
+    send_from(&tb.client, announcement::seal(&wrong_key, &forged));
+    send_from(&tb.client, b"\x01 not an announcement".to_vec());
+    let mut stranger = forged.clone();
+    stranger.backend = "10.0.99.2".parse().expect("addr");
+    send_from(&tb.client, announcement::seal(&key, &stranger));
+    // An authentic datagram (the test holds the key) that changes nothing, sent twice.
+    let mut genuine = forged.clone();
+    genuine.backend = IpAddr::V4(backend_addr4(1));
+    genuine.boot = 2;
+    let sealed = announcement::seal(&key, &genuine);
+    send_from(&tb.client, sealed.clone());
+    send_from(&tb.client, sealed);
+    let after = wait_until(Duration::from_secs(5), "the datagrams counted", || {
+        let v = tokens_in(&daemons[0]);
+        (v["datagrams"].as_u64() >= before["datagrams"].as_u64().map(|n| n + 5)).then_some(v)
+    });
+    println!("node 1 after the hostile datagrams: {after}");
+    for (reason, n) in [
+        ("bad_tag", 1),
+        ("malformed", 1),
+        ("unknown_backend", 1),
+        ("replayed", 1),
+    ] {
+        assert_eq!(
+            refused(&after, reason) - refused(&before, reason),
+            n,
+            "{reason}: {after}"
+        );
+    }
+    // The victim's token still names its own backend on every node.
+    for d in &daemons {
+        let t = d.json(&["inspect", "token", &format!("{victim:08x}"), "--json"]);
+        assert_eq!(
+            (t["backend"].as_str(), t["origin"].as_str()),
+            (Some(backend_addr4(1).to_string().as_str()), Some("backend")),
+            "{t}"
+        );
+    }
+
+    // The negative control: without the agents, nothing tells the nodes the new tokens
+    // (and client packets teach none): joins that land on a node are refused there.
+    for a in &mut agents {
+        // SAFETY: SIGTERM to an agent this test started.
+        unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    }
+    for mut a in agents {
+        let _ = a.wait();
+    }
+    for s in &servers {
+        s.join_wait_ms.store(1500, Ordering::Relaxed);
+    }
+    let dropped_before: u64 = daemons
+        .iter()
+        .map(|d| counter(d, "join_unknown_dropped"))
+        .sum();
+    let recs_before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let errors = run_clients(&tb.client, 30, 10, true, alternate);
+    assert!(errors.is_empty(), "{errors:?}");
+    let joined: usize = servers
+        .iter()
+        .zip(&recs_before)
+        .map(|(s, b)| {
+            records(s)[*b..]
+                .iter()
+                .filter(|r| r.subflow_families.len() == 2)
+                .count()
+        })
+        .sum();
+    let dropped: u64 = daemons
+        .iter()
+        .map(|d| counter(d, "join_unknown_dropped"))
+        .sum::<u64>()
+        - dropped_before;
+    println!(
+        "negative control, agents stopped: {joined} of 30 connections had their join; {dropped} join SYNs dropped as unknown"
+    );
+    assert_eq!(joined, 0, "a join found a token nobody announced");
+    assert!(dropped >= 30);
+    let _ = std::fs::remove_file(&key_file);
+}
