@@ -105,8 +105,13 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
             // SAFETY: as above.
             unsafe { conclude(conn, flags, 0) };
         } else {
-            // SAFETY: as above.
-            unsafe { (*conn).flags = flags };
+            // SAFETY: as above. Not over a conclusion another CPU wrote meanwhile (its
+            // third ACK and this packet handled at once): that one stands.
+            unsafe {
+                if (*conn).flags & CONN_TOKEN_DONE == 0 {
+                    (*conn).flags = flags;
+                }
+            }
         }
         return;
     };

@@ -8,7 +8,7 @@
 //! long idle connections keep theirs), and announces closed the tokens that are gone.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
@@ -43,6 +43,9 @@ pub struct Args {
     pub nodes: Vec<SocketAddr>,
     pub key_file: PathBuf,
     pub snapshot: Duration,
+    /// New tokens a second announced at once; more wait for the next listing. 0: no
+    /// limit.
+    pub max_news_rate: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -73,7 +76,38 @@ struct Sender {
     datagrams: u64,
     entries: u64,
     errors: u64,
+    /// SYN/ACK reports not announced at once (over `--max-news-rate`).
+    over_rate: u64,
 }
+
+/// Tokens a second the agent announces as news (snapshots are not limited).
+struct RateBudget {
+    rate: u64,
+    window: Instant,
+    used: u64,
+}
+
+impl RateBudget {
+    fn new(rate: u64) -> RateBudget {
+        RateBudget {
+            rate,
+            window: Instant::now(),
+            used: 0,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.used = 0;
+        }
+        self.used += 1;
+        self.rate == 0 || self.used <= self.rate
+    }
+}
+
+/// SYN/ACKs reported and not yet seen in a listing, at most.
+const MAX_PENDING: usize = 1 << 18;
 
 impl Sender {
     async fn send(&mut self, snapshot: bool, entries: &[Entry]) {
@@ -158,6 +192,7 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
         datagrams: 0,
         entries: 0,
         errors: 0,
+        over_rate: 0,
     };
     tracing::info!(
         interface = %args.interface,
@@ -165,11 +200,15 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
         nodes = ?args.nodes,
         "announcing this backend's MPTCP tokens"
     );
-    // Tokens reported by SYN/ACKs and not yet seen in a kernel listing, with when: a
-    // handshake that never completes is announced closed after a full interval.
-    let mut pending: HashMap<(u32, SocketAddr), (u8, Instant)> = HashMap::new();
-    // What the last listing announced.
-    let mut listed: HashMap<(u32, SocketAddr), u8> = HashMap::new();
+    // Tokens reported by SYN/ACKs and not yet seen in a kernel listing (tokens are unique
+    // per host): a handshake that never completes is announced closed after two
+    // intervals. Bounded: a SYN flood makes the backend answer SYN/ACKs at its rate.
+    let mut pending: HashMap<u32, (u8, SocketAddr, Instant)> = HashMap::new();
+    // What the last listings showed, with how many listings in a row missed it since: a
+    // connection is announced closed after two misses (a dump is not atomic, and one
+    // can skip an entry while connections come and go).
+    let mut listed: HashMap<u32, (u8, SocketAddr, u8)> = HashMap::new();
+    let mut budget = RateBudget::new(args.max_news_rate);
     let mut tick = tokio::time::interval(args.snapshot);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -183,8 +222,14 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
                         continue;
                     }
                     let ev: TokenEvent = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<TokenEvent>()]);
+                    // Over the rate (a flood of MP_CAPABLE SYNs answered by this backend),
+                    // news waits for the next listing, which has only real connections.
+                    if pending.len() >= MAX_PENDING || !budget.take() {
+                        tx.over_rate += 1;
+                        continue;
+                    }
                     let e = entry_of(&ev);
-                    pending.insert((e.token, e.vip), (e.version, Instant::now()));
+                    pending.insert(e.token, (e.version, e.vip, Instant::now()));
                     news.push(e);
                 }
                 guard.clear_ready();
@@ -195,43 +240,49 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
-                let now = match tokio::task::spawn_blocking(mptcp_diag::connections).await? {
+                let conns = match tokio::task::spawn_blocking(mptcp_diag::connections).await? {
                     Ok(c) => c,
                     Err(e) => {
+                        // Nothing is known to be closed; memory stays bounded.
                         tracing::warn!("listing this host's MPTCP connections: {e}");
+                        pending.retain(|_, p| p.2.elapsed() < 2 * args.snapshot);
                         continue;
                     }
                 };
-                let mut current: HashMap<(u32, SocketAddr), u8> = HashMap::new();
-                for c in now {
-                    let k = (c.token, c.local);
+                let mut current: HashMap<u32, (u8, SocketAddr, u8)> = HashMap::new();
+                for c in conns {
                     let version = pending
-                        .remove(&k)
-                        .map(|(v, _)| v)
-                        .or_else(|| listed.get(&k).copied())
+                        .remove(&c.token)
+                        .map(|p| p.0)
+                        .or_else(|| listed.get(&c.token).map(|l| l.0))
                         .unwrap_or(1);
-                    current.insert(k, version);
+                    current.insert(c.token, (version, c.local, 0));
                 }
                 let mut entries: Vec<Entry> = current
                     .iter()
-                    .map(|(&(token, vip), &version)| Entry { token, version, vip, live: true })
+                    .map(|(&token, &(version, vip, _))| Entry { token, version, vip, live: true })
                     .collect();
-                let gone: HashSet<(u32, SocketAddr)> = listed
-                    .keys()
-                    .filter(|k| !current.contains_key(k))
-                    .copied()
-                    .collect();
-                let expired: Vec<(u32, SocketAddr)> = pending
-                    .iter()
-                    .filter(|(_, (_, at))| at.elapsed() >= args.snapshot)
-                    .map(|(k, _)| *k)
-                    .collect();
-                for k in gone.iter().chain(&expired) {
-                    let version = listed.get(k).copied().or(pending.get(k).map(|p| p.0)).unwrap_or(1);
-                    entries.push(Entry { token: k.0, version, vip: k.1, live: false });
-                    pending.remove(k);
+                let mut closed = 0;
+                for (token, (version, vip, misses)) in listed {
+                    if current.contains_key(&token) {
+                        continue;
+                    }
+                    if misses + 1 >= 2 {
+                        entries.push(Entry { token, version, vip, live: false });
+                        closed += 1;
+                    } else {
+                        current.insert(token, (version, vip, misses + 1));
+                    }
                 }
-                tracing::debug!(live = current.len(), closed = gone.len() + expired.len(), "snapshot");
+                pending.retain(|&token, &mut (version, vip, at)| {
+                    if at.elapsed() < 2 * args.snapshot {
+                        return true;
+                    }
+                    entries.push(Entry { token, version, vip, live: false });
+                    closed += 1;
+                    false
+                });
+                tracing::debug!(live = entries.len() - closed, closed, "snapshot");
                 tx.send(true, &entries).await;
                 listed = current;
             }
@@ -243,6 +294,7 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
         datagrams = tx.datagrams,
         entries = tx.entries,
         errors = tx.errors,
+        over_rate = tx.over_rate,
         "agent stopping"
     );
     let prog: &mut SchedClassifier = ebpf

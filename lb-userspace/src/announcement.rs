@@ -4,7 +4,8 @@
 //!
 //! A datagram is `[VERSION] || postcard(Announcement) || HMAC-SHA256(key, VERSION || body)`.
 //! The key is shared by the fleet's nodes and backends. A node accepts a datagram only if
-//! the tag is right, the backend is one of its configured backends, the sender's clock is
+//! the tag is right, the backend is one of its configured backends and sent it from its
+//! own address, the sender's clock is
 //! within [`MAX_SKEW_MS`] of its own, and the datagram is not one it accepted before
 //! (a window of [`REPLAY_WINDOW`] sequence numbers per agent run, and an agent run older
 //! than the newest one seen is refused).
@@ -101,15 +102,18 @@ pub enum Refusal {
     Stale,
     /// Accepted before (or from an agent run older than the newest seen).
     Replayed,
+    /// Not sent from the address of the backend it speaks for.
+    WrongSource,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Refusal::Malformed,
         Refusal::BadTag,
         Refusal::UnknownBackend,
         Refusal::Stale,
         Refusal::Replayed,
+        Refusal::WrongSource,
     ];
 
     pub fn label(self) -> &'static str {
@@ -119,6 +123,7 @@ impl Refusal {
             Refusal::UnknownBackend => "unknown_backend",
             Refusal::Stale => "stale",
             Refusal::Replayed => "replayed",
+            Refusal::WrongSource => "wrong_source",
         }
     }
 }

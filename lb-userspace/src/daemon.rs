@@ -232,8 +232,9 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 // The table walks run off the runtime's threads and without the
                 // controller's lock: a slow scrape delays no health change.
                 let counts = tokio::task::spawn_blocking(move || tables.count()).await?;
+                let tokens_in = shared.tokens_in.lock().expect("tokens_in").clone();
                 let ctl = shared.ctl.lock().await;
-                metrics::render(&ctl, counts, &stats)
+                metrics::render(&ctl, counts, &stats, tokens_in.as_ref())
             }
         }));
     }
@@ -299,8 +300,6 @@ fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
-/// Tells the service manager what the daemon is doing (systemd's `Type=notify`: ready
-/// once it forwards and answers, reloading, stopping), when `NOTIFY_SOCKET` names one.
 /// Receives the backends' token announcements and applies the authentic, fresh ones.
 async fn token_announcements_loop(
     shared: Arc<Shared>,
@@ -316,8 +315,8 @@ async fn token_announcements_loop(
         }
     };
     loop {
-        let n = match sock.recv_from(&mut buf).await {
-            Ok((n, _)) => n,
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
             Err(e) => {
                 tracing::warn!("receiving a token announcement: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -344,6 +343,11 @@ async fn token_announcements_loop(
         let locked = t0.elapsed().as_micros() as u64;
         if !ctl.backend_addresses().contains(&a.backend) {
             refuse(Refusal::UnknownBackend);
+            continue;
+        }
+        // The key is the fleet's: a backend speaks for itself only, from its address.
+        if from.ip().to_canonical() != a.backend {
+            refuse(Refusal::WrongSource);
             continue;
         }
         if let Err(r) = guard.accept(&a, now_ms) {
@@ -392,6 +396,8 @@ async fn token_announcements_loop(
     }
 }
 
+/// Tells the service manager what the daemon is doing (systemd's `Type=notify`: ready
+/// once it forwards and answers, reloading, stopping), when `NOTIFY_SOCKET` names one.
 pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;

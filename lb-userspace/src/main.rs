@@ -127,6 +127,11 @@ enum Command {
         key_file: std::path::PathBuf,
         #[arg(long, default_value_t = 10)]
         snapshot_secs: u64,
+        /// New tokens a second announced at once (each SYN/ACK with MP_CAPABLE, so a
+        /// flood of SYNs too); more wait for the next listing, which holds only real
+        /// connections. 0: no limit.
+        #[arg(long, default_value_t = 10_000)]
+        max_news_rate: u64,
     },
     /// Backend side: strip IPIP/IP6IP6 tunnels addressed to this host (for hosts
     /// without the ipip/ip6tnl drivers).
@@ -363,12 +368,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nodes,
             key_file,
             snapshot_secs,
+            max_news_rate,
         } => lb_userspace::agent::run(lb_userspace::agent::Args {
             interface,
             backend,
             nodes,
             key_file,
             snapshot: std::time::Duration::from_secs(snapshot_secs.max(1)),
+            max_news_rate,
         })?,
         Command::Reload { socket } => {
             let summary = control::request(&socket.socket()?, &Request::Reload)?;

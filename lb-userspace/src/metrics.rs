@@ -72,6 +72,7 @@ pub fn render(
     ctl: &Controller,
     tables: (usize, usize),
     http: &HttpStats,
+    tokens_in: Option<&crate::control::TokenAnnouncementStatus>,
 ) -> anyhow::Result<String> {
     let mut reg = Registry::with_prefix("mptcp_lb");
 
@@ -192,6 +193,66 @@ pub fn render(
         "Connections to the metrics endpoint closed at once because it already served its maximum",
         refused,
     );
+
+    if let Some(t) = tokens_in {
+        let datagrams: Counter = Counter::default();
+        datagrams.inc_by(t.datagrams);
+        reg.register(
+            "token_announcement_datagrams",
+            "Datagrams received on balancer.token_announcements_listen",
+            datagrams,
+        );
+        let refused: Family<Labels, Counter> = Family::default();
+        for r in crate::announcement::Refusal::ALL {
+            refused
+                .get_or_create(&labels(&[("reason", r.label())]))
+                .inc_by(t.refused.get(r.label()).copied().unwrap_or(0));
+        }
+        reg.register(
+            "token_announcements_refused",
+            "Announcement datagrams not believed, per reason",
+            refused,
+        );
+        let entries: Family<Labels, Counter> = Family::default();
+        for o in crate::controller::Announced::ALL {
+            entries
+                .get_or_create(&labels(&[("outcome", o.label())]))
+                .inc_by(t.entries.get(o.label()).copied().unwrap_or(0));
+        }
+        reg.register(
+            "token_announcement_entries",
+            "Tokens in accepted announcements, per outcome",
+            entries,
+        );
+        let agent_datagrams: Family<Labels, Counter> = Family::default();
+        let agent_lag: Family<Labels, Gauge> = Family::default();
+        let agent_age: Family<Labels, Gauge> = Family::default();
+        let now = crate::controller::unix_ns() / 1_000_000;
+        for g in &t.agents {
+            let backend = g.backend.to_string();
+            let l = labels(&[("backend", &backend)]);
+            agent_datagrams.get_or_create(&l).inc_by(g.datagrams);
+            agent_lag.get_or_create(&l).set(g.last_lag_ms);
+            agent_age
+                .get_or_create(&l)
+                .set(now.saturating_sub(g.last_unix_ms) as i64);
+        }
+        reg.register(
+            "token_agent_datagrams",
+            "Accepted announcement datagrams per backend agent",
+            agent_datagrams,
+        );
+        reg.register(
+            "token_agent_lag_milliseconds",
+            "Receive time minus the agent's send time, last datagram (clocks' offset included)",
+            agent_lag,
+        );
+        reg.register(
+            "token_agent_silence_milliseconds",
+            "Time since the agent's last accepted datagram (it sends a listing every --snapshot-secs)",
+            agent_age,
+        );
+    }
 
     let mut out = String::new();
     encode(&mut out, &reg)?;

@@ -88,7 +88,7 @@ fn dump(
             }
             match mtype as i32 {
                 libc::NLMSG_DONE => return Ok(()),
-                libc::NLMSG_ERROR => {
+                libc::NLMSG_ERROR if mlen >= NLMSG_HDR + 4 => {
                     let errno = i32::from_ne_bytes(msgs[16..20].try_into().expect("4 bytes"));
                     // No MPTCP diag module: no MPTCP connection can be listed.
                     return Err(io::Error::from_raw_os_error(-errno));
@@ -99,7 +99,7 @@ fn dump(
                     }
                 }
             }
-            msgs = &msgs[(mlen + 3) & !3..];
+            msgs = &msgs[((mlen + 3) & !3).min(msgs.len())..];
             if msgs.len() < NLMSG_HDR {
                 break;
             }

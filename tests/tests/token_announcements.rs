@@ -6,8 +6,9 @@
 //! 5-tuple, and that node must know the token the backend announced. Checked where it
 //! happens: every connection's second subflow on its backend, no join SYN retransmitted
 //! by the client (each found its token on its first SYN), no token learned from client
-//! packets. Then forged, replayed and unknown-backend datagrams are refused and counted,
-//! and change no token.
+//! packets. Then forged, garbage, unknown-backend, wrongly sourced and replayed datagrams
+//! are refused and counted, and change no token; and with the agents stopped (the
+//! negative control) joins find no token.
 
 use std::{net::IpAddr, process::Child, sync::atomic::Ordering, time::Duration};
 
@@ -29,6 +30,7 @@ const LISTEN: u16 = 7400;
 /// The client's one-way delay on each path (a good Wi-Fi or LTE round trip is 10-40 ms).
 const CLIENT_ONE_WAY_MS: u64 = 5;
 const SECOND_PATH: &str = "10.1.2.2";
+const METRICS: &str = "127.0.0.1:9641";
 const KEY: &str = "6d707463702d6c622074657374206b6579206f6620746865206669656574212121";
 
 fn service() -> String {
@@ -117,7 +119,7 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
             let config = Testbed::node_config(&tag, k, &service()).replacen(
                 "[balancer]\n",
                 &format!(
-                    "[balancer]\ntoken_announcements_listen = \"0.0.0.0:{LISTEN}\"\ntoken_announcements_key_file = \"{key_path}\"\n"
+                    "[balancer]\ntoken_announcements_listen = \"0.0.0.0:{LISTEN}\"\ntoken_announcements_key_file = \"{key_path}\"\nmetrics_listen = \"{METRICS}\"\n"
                 ),
                 1,
             );
@@ -243,63 +245,89 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     }
     assert_eq!(per_node.iter().map(|p| p.0).sum::<u64>(), 200);
 
-    // What a hostile client can send the nodes: a datagram in the wrong key (a forgery
-    // pointing an existing connection's token elsewhere), garbage, an announcement for
-    // a backend the nodes do not have, and a replay of an authentic one.
-    let victim = records(&servers[0])[0].token;
-    let forged = Announcement {
-        backend: IpAddr::V4(backend_addr4(2)),
-        boot: 1,
+    // What a hostile client can send node 1. First, a token its backend announces (the
+    // test holds the fleet's key and sends from backend 1's address), sent twice.
+    let token = 0x7e57_0001u32;
+    let announce = |backend: usize, boot: u64| Announcement {
+        backend: IpAddr::V4(backend_addr4(backend)),
+        boot,
         seq: 1,
         sent_unix_ms: lb_userspace::controller::unix_ns() / 1_000_000,
         snapshot: false,
         entries: vec![Entry {
-            token: victim,
+            token,
             version: 1,
             vip: (VIP4, PORT).into(),
             live: true,
         }],
     };
-    let wrong_key = Key::new(b"not the fleet's key, but 32 bytes long".to_vec()).expect("key");
     let key = Key::load(&key_file).expect("key");
     let before = tokens_in(&daemons[0]);
-    let refused = |v: &serde_json::Value, r: &str| v["refused"][r].as_u64().unwrap_or(0);
-    send_from(&tb.client, announcement::seal(&wrong_key, &forged));
+    let genuine = announcement::seal(&key, &announce(1, 2));
+    send_from(&tb.backends[0], genuine.clone());
+    send_from(&tb.backends[0], genuine);
+    // From the client: the token claimed for backend 2 under a wrong key, garbage, an
+    // authentic datagram for a backend the nodes do not have, and an authentic one for
+    // backend 2 that does not come from backend 2's address.
+    let wrong_key = Key::new(b"not the fleet's key, but 32 bytes long".to_vec()).expect("key");
+    send_from(&tb.client, announcement::seal(&wrong_key, &announce(2, 3)));
     send_from(&tb.client, b"\x01 not an announcement".to_vec());
-    let mut stranger = forged.clone();
+    let mut stranger = announce(2, 4);
     stranger.backend = "10.0.99.2".parse().expect("addr");
     send_from(&tb.client, announcement::seal(&key, &stranger));
-    // An authentic datagram (the test holds the key) that changes nothing, sent twice.
-    let mut genuine = forged.clone();
-    genuine.backend = IpAddr::V4(backend_addr4(1));
-    genuine.boot = 2;
-    let sealed = announcement::seal(&key, &genuine);
-    send_from(&tb.client, sealed.clone());
-    send_from(&tb.client, sealed);
+    send_from(&tb.client, announcement::seal(&key, &announce(2, 5)));
     let after = wait_until(Duration::from_secs(5), "the datagrams counted", || {
         let v = tokens_in(&daemons[0]);
-        (v["datagrams"].as_u64() >= before["datagrams"].as_u64().map(|n| n + 5)).then_some(v)
+        (v["datagrams"].as_u64() >= before["datagrams"].as_u64().map(|n| n + 6)).then_some(v)
     });
     println!("node 1 after the hostile datagrams: {after}");
-    for (reason, n) in [
-        ("bad_tag", 1),
-        ("malformed", 1),
-        ("unknown_backend", 1),
-        ("replayed", 1),
+    let refused = |v: &serde_json::Value, r: &str| v["refused"][r].as_u64().unwrap_or(0);
+    for reason in [
+        "bad_tag",
+        "malformed",
+        "unknown_backend",
+        "wrong_source",
+        "replayed",
     ] {
         assert_eq!(
             refused(&after, reason) - refused(&before, reason),
-            n,
+            1,
             "{reason}: {after}"
         );
     }
-    // The victim's token still names its own backend on every node.
-    for d in &daemons {
-        let t = d.json(&["inspect", "token", &format!("{victim:08x}"), "--json"]);
-        assert_eq!(
-            (t["backend"].as_str(), t["origin"].as_str()),
-            (Some(backend_addr4(1).to_string().as_str()), Some("backend")),
-            "{t}"
+    // The token stays its own backend's, as that backend announced it.
+    let t = daemons[0].json(&["inspect", "token", &format!("{token:08x}"), "--json"]);
+    assert_eq!(
+        (t["backend"].as_str(), t["origin"].as_str()),
+        (Some(backend_addr4(1).to_string().as_str()), Some("backend")),
+        "{t}"
+    );
+
+    // The same in the metrics.
+    let metrics = tb
+        .node(1)
+        .enter(|| {
+            use std::io::{Read as _, Write as _};
+            let mut c = std::net::TcpStream::connect(METRICS).expect("metrics endpoint");
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .expect("request");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        })
+        .join()
+        .expect("scrape");
+    for line in [
+        "mptcp_lb_token_announcements_refused_total{reason=\"replayed\"} 1",
+        "mptcp_lb_token_announcements_refused_total{reason=\"wrong_source\"} 1",
+        &format!(
+            "mptcp_lb_token_agent_datagrams_total{{backend=\"{}\"}}",
+            backend_addr4(2)
+        ),
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line} not in the metrics:\n{metrics}"
         );
     }
 
