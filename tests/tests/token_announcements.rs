@@ -19,8 +19,8 @@ use mptcp_lb_tests::{
     netns::{Netns, wait_until},
     privileged,
     testbed::{
-        ConnRecord, PORT, Server, Testbed, VIP4, VIP6, alternate, backend_addr4, node_addrs,
-        run_clients, serve,
+        ConnRecord, PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4,
+        node_addrs, run_clients, serve,
     },
 };
 
@@ -113,7 +113,7 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
     }
-    let daemons: Vec<Daemon> = (1..=NODES)
+    let mut daemons: Vec<Daemon> = (1..=NODES)
         .map(|k| {
             let tag = format!("tka{k}");
             let config = Testbed::node_config(&tag, k, &service()).replacen(
@@ -244,6 +244,95 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
         assert!(*routed > 0 && *applied > 0);
     }
     assert_eq!(per_node.iter().map(|p| p.0).sum::<u64>(), 200);
+
+    // A node killed with -9 under traffic: its dataplane forwards on (pinned), but no one
+    // applies what the backends announce meanwhile. 40 connections open while it is
+    // dead, with no second path yet; the node restarts, and its next listings from the
+    // agents teach it their tokens; then the client's second path comes up and every
+    // held connection joins, through any node.
+    tb.client.run(&["ip", "mptcp", "endpoint", "flush"]);
+    daemons[1].kill9();
+    let recs_before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let joins_before: u64 = tb
+        .backends
+        .iter()
+        .map(|be| nstat(be, "MPTcpExtMPJoinSynRx"))
+        .sum();
+    let unknown = |daemons: &[Daemon]| -> u64 {
+        daemons
+            .iter()
+            .map(|d| counter(d, "join_unknown_dropped"))
+            .sum()
+    };
+    let dropped_before = unknown(&daemons);
+    let retrans_before = nstat(&tb.client, "TcpExtTCPSynRetrans");
+    let held = 40;
+    let mut node2_routed_before = 0;
+    let errors = across(&tb.client, held, true, alternate, || {
+        // Node 2's counters live in its pinned maps: readable without its daemon.
+        node2_routed_before = counter(&daemons[1], "join_routed");
+        daemons[1].spawn();
+        let t = std::time::Instant::now();
+        wait_until(
+            Duration::from_secs(20),
+            "node 2 to hear every agent again",
+            || {
+                (tokens_in(&daemons[1])["agents"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+                    == BACKENDS)
+                    .then_some(())
+            },
+        );
+        println!(
+            "node 2 restarted; every agent's listing reached it {} ms after its start",
+            t.elapsed().as_millis()
+        );
+        tb.client_joins(true);
+        tb.client.run(&[
+            "ip",
+            "mptcp",
+            "endpoint",
+            "add",
+            SECOND_PATH,
+            "dev",
+            "cell0",
+            "subflow",
+        ]);
+        wait_until(
+            Duration::from_secs(20),
+            "every held connection to join",
+            || {
+                let j: u64 = tb
+                    .backends
+                    .iter()
+                    .map(|be| nstat(be, "MPTcpExtMPJoinSynRx"))
+                    .sum();
+                (j - joins_before >= held as u64).then_some(())
+            },
+        );
+    });
+    assert!(errors.is_empty(), "{errors:?}");
+    let joined: usize = servers
+        .iter()
+        .zip(&recs_before)
+        .map(|(s, b)| {
+            records(s)[*b..]
+                .iter()
+                .filter(|r| r.subflow_families.len() == 2)
+                .count()
+        })
+        .sum();
+    let node2_routed = counter(&daemons[1], "join_routed") - node2_routed_before;
+    let dropped = unknown(&daemons) - dropped_before;
+    let retrans = nstat(&tb.client, "TcpExtTCPSynRetrans") - retrans_before;
+    println!(
+        "node 2 killed and restarted: {joined} of {held} connections opened meanwhile joined; node 2 routed {node2_routed} of their joins; joins refused as unknown {dropped}; SYNs retransmitted {retrans}"
+    );
+    assert_eq!(joined, held);
+    assert!(node2_routed > 0, "no join went through the restarted node");
+    assert_eq!(dropped, 0);
+    assert_eq!(retrans, 0);
 
     // What a hostile client can send node 1. First, a token its backend announces (the
     // test holds the fleet's key and sends from backend 1's address), sent twice.
