@@ -16,12 +16,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    EbpfLoader,
     maps::RingBuf,
     programs::{SchedClassifier, TcAttachType},
 };
 use lb_common::{
-    maps::{FAMILY_V4, MAP_CONNS, MAP_MAGLEV, MAP_TOKEN_EVENTS, MAP_TOKENS, TokenEvent},
+    maps::{FAMILY_V4, MAP_TOKEN_EVENTS, TokenEvent},
     mptcp::{token_v0, token_v1},
 };
 use tokio::{
@@ -34,8 +33,6 @@ use crate::{
     announcement::{self, Announcement, Entry, Key, MAX_ENTRIES},
     loader, mptcp_diag,
 };
-
-pub const PROG_TOKEN_EGRESS: &str = "token_egress";
 
 pub struct Args {
     pub interface: String,
@@ -158,15 +155,9 @@ fn random_u64() -> u64 {
 async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    loader::raise_memlock_limit();
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(MAP_MAGLEV, 1)
-        .map_max_entries(MAP_CONNS, 1)
-        .map_max_entries(MAP_TOKENS, 1)
-        .load(loader::EBPF_OBJECT)
-        .context("loading the eBPF object")?;
+    let mut ebpf = loader::open_for_backend()?;
     let prog: &mut SchedClassifier = ebpf
-        .program_mut(PROG_TOKEN_EGRESS)
+        .program_mut(loader::PROG_TOKEN_EGRESS)
         .context("token_egress program missing from the object")?
         .try_into()?;
     prog.load()
@@ -298,7 +289,7 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
         "agent stopping"
     );
     let prog: &mut SchedClassifier = ebpf
-        .program_mut(PROG_TOKEN_EGRESS)
+        .program_mut(loader::PROG_TOKEN_EGRESS)
         .expect("loaded above")
         .try_into()?;
     prog.detach(link)?;

@@ -6,11 +6,10 @@ use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use aya::{
-    EbpfLoader,
     maps::HashMap,
     programs::{Xdp, XdpMode, links::FdLink},
 };
-use lb_common::maps::{AddrKey, MAP_CONNS, MAP_DECAP_ADDRS, MAP_MAGLEV, MAP_TOKENS};
+use lb_common::maps::{AddrKey, MAP_DECAP_ADDRS};
 
 use crate::{dataplane::addr_words, loader};
 
@@ -81,14 +80,7 @@ pub fn attach(bpffs: &str, iface: &str, mode: Option<XdpMode>) -> anyhow::Result
 
 /// Loads the decapsulation program (not attached), accepting tunnels to `local`.
 pub fn load(local: &[IpAddr]) -> anyhow::Result<aya::Ebpf> {
-    loader::raise_memlock_limit();
-    // The balancer's big maps are not used here: keep them tiny.
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(MAP_MAGLEV, 1)
-        .map_max_entries(MAP_CONNS, 1)
-        .map_max_entries(MAP_TOKENS, 1)
-        .load(loader::EBPF_OBJECT)
-        .context("loading the eBPF object")?;
+    let mut ebpf = loader::open_for_backend()?;
     let mut addrs: HashMap<_, AddrKey, u32> = HashMap::try_from(
         ebpf.map_mut(MAP_DECAP_ADDRS)
             .with_context(|| format!("map {MAP_DECAP_ADDRS} missing"))?,

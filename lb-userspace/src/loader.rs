@@ -17,6 +17,8 @@ pub const PROG_BENCH_SHA256: &str = "bench_sha256";
 pub const PROG_BENCH_TOKEN_INSERT: &str = "bench_token_insert";
 /// Name of the bare XDP_PASS program (the benchmark floor).
 pub const PROG_PASS: &str = "xdp_pass";
+/// Name of the backends' tc egress program that reports SYN/ACKs with MP_CAPABLE.
+pub const PROG_TOKEN_EGRESS: &str = "token_egress";
 
 /// The eBPF object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -25,6 +27,19 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub fn open() -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
     Ebpf::load(EBPF_OBJECT).context("parsing the embedded eBPF object and creating its maps")
+}
+
+/// The object for a backend's programs (decapsulation, token reports): the balancer's
+/// big maps are not used there and are created with one entry.
+pub fn open_for_backend() -> anyhow::Result<Ebpf> {
+    use lb_common::maps::{MAP_CONNS, MAP_MAGLEV, MAP_TOKENS};
+    raise_memlock_limit();
+    aya::EbpfLoader::new()
+        .map_max_entries(MAP_MAGLEV, 1)
+        .map_max_entries(MAP_CONNS, 1)
+        .map_max_entries(MAP_TOKENS, 1)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object")
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless after.

@@ -19,8 +19,52 @@ use crate::netns::{Netns, veth};
 /// Relays running between the client and the router; stopped when dropped.
 pub struct Delay {
     stop: Arc<AtomicBool>,
+    /// While set, the client's MPTCP third ACKs (MP_CAPABLE of length 20 on a pure ACK)
+    /// are dropped on their way to the router, as a lossy Wi-Fi would.
+    pub drop_third_acks: Arc<AtomicBool>,
+    /// Third ACKs dropped so far.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<JoinHandle<()>>,
     _ns: Netns,
+}
+
+/// Whether `frame` is a client's MPTCP third ACK: a TCP segment with ACK and not SYN,
+/// carrying MP_CAPABLE (subtype 0) of length 20.
+pub fn is_third_ack(frame: &[u8]) -> bool {
+    let tcp = match frame.get(12..14) {
+        Some([0x08, 0x00]) if frame.get(23) == Some(&6) => {
+            14 + (frame.get(14).map_or(0, |v| v & 0x0f) as usize) * 4
+        }
+        Some([0x86, 0xdd]) if frame.get(20) == Some(&6) => 14 + 40,
+        _ => return false,
+    };
+    let Some(hdr) = frame.get(tcp..tcp + 20) else {
+        return false;
+    };
+    if hdr[13] & 0x12 != 0x10 {
+        return false;
+    }
+    let end = (tcp + (hdr[12] >> 4) as usize * 4).min(frame.len());
+    let mut at = tcp + 20;
+    while at < end {
+        match frame[at] {
+            0 => return false,
+            1 => at += 1,
+            kind => {
+                let Some(&len) = frame.get(at + 1) else {
+                    return false;
+                };
+                if kind == 30 && len == 20 && frame.get(at + 2).is_some_and(|b| b >> 4 == 0) {
+                    return true;
+                }
+                if len < 2 {
+                    return false;
+                }
+                at += len as usize;
+            }
+        }
+    }
+    false
 }
 
 impl Drop for Delay {
@@ -38,6 +82,8 @@ impl Drop for Delay {
 pub fn delay_links(prefix: &str, router: &Netns, rdevs: &[&str], one_way: Duration) -> Delay {
     let ns = Netns::new(&format!("{prefix}-delay"));
     let stop = Arc::new(AtomicBool::new(false));
+    let drop_third_acks = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut threads = Vec::new();
     for (n, rdev) in rdevs.iter().enumerate() {
         let mac = router.mac(rdev);
@@ -72,12 +118,24 @@ pub fn delay_links(prefix: &str, router: &Netns, rdevs: &[&str], one_way: Durati
             .join()
             .expect("relay sockets");
         let (a, b) = (Arc::new(a), Arc::new(b));
-        for (from, to) in [(a.clone(), b.clone()), (b, a)] {
-            threads.extend(relay(from, to, one_way, stop.clone()));
-        }
+        // `a` faces the client: what it reads goes to the router.
+        let filter = Filter {
+            on: drop_third_acks.clone(),
+            dropped: dropped.clone(),
+        };
+        threads.extend(relay(
+            a.clone(),
+            b.clone(),
+            one_way,
+            stop.clone(),
+            Some(filter),
+        ));
+        threads.extend(relay(b, a, one_way, stop.clone(), None));
     }
     Delay {
         stop,
+        drop_third_acks,
+        dropped,
         threads,
         _ns: ns,
     }
@@ -131,12 +189,19 @@ fn packet_socket(dev: &str) -> OwnedFd {
     fd
 }
 
+/// Third ACKs to drop, while `on` is set.
+struct Filter {
+    on: Arc<AtomicBool>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// Frames that arrive on `from` leave by `to` `delay` later, in order.
 fn relay(
     from: Arc<OwnedFd>,
     to: Arc<OwnedFd>,
     delay: Duration,
     stop: Arc<AtomicBool>,
+    filter: Option<Filter>,
 ) -> [JoinHandle<()>; 2] {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let stop2 = stop.clone();
@@ -159,6 +224,13 @@ fn relay(
             };
             // Frames this relay sent out of `from` come back as outgoing: not relayed.
             if n <= 0 || sll.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            if let Some(f) = &filter
+                && f.on.load(Ordering::Relaxed)
+                && is_third_ack(&buf[..n as usize])
+            {
+                f.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if tx
