@@ -455,6 +455,65 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
         );
     }
 
+    // How many announced tokens a node absorbs a second (reported, not asserted: the
+    // tests run debug builds unless MPTCP_LB_BIN names another, and the sender competes
+    // with it for two cores): 400
+    // datagrams of 32 tokens from backend 1, as fast as it can send them.
+    let datagrams = 400u64;
+    let before = tokens_in(&daemons[0]);
+    let burst: Vec<Vec<u8>> = (0..datagrams)
+        .map(|i| {
+            let mut a = announce(1, 6);
+            a.seq = i + 1;
+            a.entries = (0..32)
+                .map(|k| Entry {
+                    token: 0x5ca1_0000 + (i * 32 + k) as u32,
+                    version: 1,
+                    vip: (VIP4, PORT).into(),
+                    live: true,
+                })
+                .collect();
+            announcement::seal(&key, &a)
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let (a4, _) = node_addrs(1);
+    tb.backends[0]
+        .enter(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+            for d in burst {
+                s.send_to(&d, (a4, LISTEN)).expect("send");
+            }
+        })
+        .join()
+        .expect("sender");
+    let accepted = |v: &serde_json::Value| v["accepted"].as_u64().unwrap_or(0);
+    let mut last = accepted(&before);
+    let mut still = std::time::Instant::now();
+    // Until every datagram is counted, or none was for half a second (the socket's
+    // buffer may have overflowed: those are lost, as UDP is).
+    let took = loop {
+        let now = accepted(&tokens_in(&daemons[0]));
+        if now - accepted(&before) >= datagrams {
+            break t.elapsed();
+        }
+        if now != last {
+            last = now;
+            still = std::time::Instant::now();
+        } else if still.elapsed() > Duration::from_millis(500) {
+            break still.duration_since(t);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let got = accepted(&tokens_in(&daemons[0])) - accepted(&before);
+    println!(
+        "absorbed: {got} of {datagrams} datagrams ({} tokens) in {} ms: {:.0} tokens a second ({})",
+        got * 32,
+        took.as_millis(),
+        (got * 32) as f64 / took.as_secs_f64(),
+        bin.display()
+    );
+
     // The negative control: without the agents, nothing tells the nodes the new tokens
     // (and client packets teach none): joins that land on a node are refused there.
     for a in &mut agents {
