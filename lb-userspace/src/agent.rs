@@ -178,8 +178,19 @@ async fn serve(args: Args, key: Key) -> anyhow::Result<()> {
         boot: random_u64(),
         seq: 0,
         nodes: args.nodes.clone(),
-        v4: UdpSocket::bind("0.0.0.0:0").await?,
-        v6: UdpSocket::bind("[::]:0").await?,
+        // From the backend's own address: the nodes believe a backend only from there.
+        v4: UdpSocket::bind(match args.backend {
+            IpAddr::V4(a) => SocketAddr::new(a.into(), 0),
+            IpAddr::V6(_) => "0.0.0.0:0".parse().expect("address"),
+        })
+        .await
+        .with_context(|| format!("binding to {}", args.backend))?,
+        v6: UdpSocket::bind(match args.backend {
+            IpAddr::V6(a) => SocketAddr::new(a.into(), 0),
+            IpAddr::V4(_) => "[::]:0".parse().expect("address"),
+        })
+        .await
+        .with_context(|| format!("binding to {}", args.backend))?,
         datagrams: 0,
         entries: 0,
         errors: 0,
