@@ -106,26 +106,7 @@ pub fn parse_token(s: &str) -> anyhow::Result<u32> {
         .map_err(|_| anyhow::anyhow!("malformed token {s:?}: not hexadecimal"))
 }
 
-/// CLOCK_MONOTONIC now, in ns (the clock the dataplane stamps tokens with).
-pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes a valid timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// CLOCK_MONOTONIC_COARSE now, in ns: exactly the dataplane's `bpf_ktime_get_coarse_ns`,
-/// for the stamps the daemon writes into the token table.
-pub fn monotonic_coarse_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
-}
+pub use crate::controller::monotonic_ns;
 
 /// "3s", "4m12s", "2h05m", "3d4h".
 pub fn human_age(secs: u64) -> String {
