@@ -76,16 +76,18 @@ impl Drop for Delay {
     }
 }
 
-/// Puts `one_way` of delay, each way, on the router's links to the client (`rdevs`):
-/// each link's router end moves into a new namespace `<prefix>-delay`, a new link takes
-/// its place in the router (same name, MAC and addresses), and a relay joins the two.
-pub fn delay_links(prefix: &str, router: &Netns, rdevs: &[&str], one_way: Duration) -> Delay {
+/// Puts delay on the router's links to the client (`links`: each device and its delay,
+/// each way): each link's router end moves into a new namespace `<prefix>-delay`, a new
+/// link takes its place in the router (same name, MAC and addresses), and a relay joins
+/// the two.
+pub fn delay_links(prefix: &str, router: &Netns, links: &[(&str, Duration)]) -> Delay {
     let ns = Netns::new(&format!("{prefix}-delay"));
     let stop = Arc::new(AtomicBool::new(false));
     let drop_third_acks = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut threads = Vec::new();
-    for (n, rdev) in rdevs.iter().enumerate() {
+    for (n, (rdev, one_way)) in links.iter().enumerate() {
+        let one_way = *one_way;
         let mac = router.mac(rdev);
         let mac = mac
             .iter()
