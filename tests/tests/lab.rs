@@ -411,11 +411,19 @@ fn deploy_a_fleet_node_with_bgp_and_the_backends() {
     let prefix = "/tmp/mlb-fleet-deploy";
     let _ = std::fs::remove_dir_all(prefix);
     std::fs::create_dir_all(prefix).expect("prefix");
+    // Joins steered by port, and the tokens (for clients without the C bit) from the
+    // backends' agents as well as from clients.
     let mut service = Testbed::service_toml("web", &[1, 2], "").replacen(
         "[[service.backend]]",
-        "join_steering = \"port\"\n[[service.backend]]",
+        "join_steering = \"port\"\nlearn_tokens = \"both\"\n[[service.backend]]",
         1,
     );
+    let key = format!("{prefix}/announce.key");
+    std::fs::write(
+        &key,
+        "a key that the fleet deploy test shares, 64 bytes of it, ok\n",
+    )
+    .expect("key");
     for i in 1..=2 {
         let a = format!(
             "address = \"{}\"\n",
@@ -428,7 +436,14 @@ fn deploy_a_fleet_node_with_bgp_and_the_backends() {
     for k in 1..=2 {
         let tag = format!("fdp{k}");
         let file = format!("{prefix}/node{k}.toml");
-        std::fs::write(&file, Testbed::node_config(&tag, k, &service)).expect("file");
+        let config = Testbed::node_config(&tag, k, &service).replacen(
+            "[balancer]\n",
+            &format!(
+                "[balancer]\ntoken_announcements_listen = \"0.0.0.0:7400\"\ntoken_announcements_key_file = \"{key}\"\n"
+            ),
+            1,
+        );
+        std::fs::write(&file, config).expect("file");
         let (a4, a6) = mptcp_lb_tests::testbed::node_addrs(k);
         let (g4, g6) = (
             std::net::Ipv4Addr::from(u32::from(a4) - 1).to_string(),
@@ -467,6 +482,10 @@ fn deploy_a_fleet_node_with_bgp_and_the_backends() {
     // traffic below depends on what deploy-backend attached.
     for (i, be) in tb.backends.iter().enumerate() {
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/mlb-fdp/be{}", i + 1));
+        let backend = mptcp_lb_tests::testbed::backend_addr4(i + 1).to_string();
+        let nodes: Vec<String> = (1..=2)
+            .map(|k| format!("{}:7400", mptcp_lb_tests::testbed::node_addrs(k).0))
+            .collect();
         let (ok, out) = xtask_run(&[
             "deploy-backend",
             "--iface",
@@ -479,10 +498,19 @@ fn deploy_a_fleet_node_with_bgp_and_the_backends() {
             &format!("{prefix}/be{}", i + 1),
             "--binary",
             bin,
+            "--backend",
+            &backend,
+            "--announce-to",
+            &nodes[0],
+            "--announce-to",
+            &nodes[1],
+            "--announce-key",
+            &key,
         ]);
         println!("{out}");
         assert!(ok, "backend {}: {out}", i + 1);
         assert!(out.contains("decapsulation attached to eth0"), "{out}");
+        assert!(out.contains("token agent started"), "{out}");
         assert!(
             out.contains(&format!("announced {VIP4}:{}", 20001 + i)),
             "{out}"
@@ -499,6 +527,23 @@ fn deploy_a_fleet_node_with_bgp_and_the_backends() {
         for r in recs {
             assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
         }
+    }
+
+    // Both nodes hear both backends' agents.
+    for k in 1..=2 {
+        let file = format!("{prefix}/node{k}.toml");
+        mptcp_lb_tests::netns::wait_until(
+            std::time::Duration::from_secs(20),
+            "every agent heard",
+            || {
+                let out = mptcp_lb_tests::daemon::cli_in(
+                    tb.node(k),
+                    &["status", "--json", "--config", &file],
+                );
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                (v["token_announcements"]["agents"].as_array()?.len() == 2).then_some(())
+            },
+        );
     }
 
     // Undeploy node 2: its daemon, dataplane, BIRD and announcements go.
@@ -523,6 +568,7 @@ fn deploy_a_fleet_node_with_bgp_and_the_backends() {
         println!("{out}");
         assert!(ok, "{out}");
         assert!(out.contains("C bit cleared"), "{out}");
+        assert!(out.contains("token agent (pid"), "{out}");
         assert!(be.xdp_prog("eth0").is_none(), "decapsulation detached");
     }
     let _ = std::fs::remove_dir_all(prefix);

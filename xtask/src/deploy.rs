@@ -75,6 +75,14 @@ pub struct BackendArgs {
     /// `mptcp-lb join-ports`).
     #[arg(long)]
     pub no_timestamps: bool,
+    /// Announce this backend's MPTCP tokens to this balancer node's
+    /// `balancer.token_announcements_listen` (repeat per node): runs `mptcp-lb agent`.
+    #[arg(long = "announce-to")]
+    pub announce_to: Vec<std::net::SocketAddr>,
+    /// The key shared with the nodes, for --announce-to (installed as
+    /// `<prefix>/etc/mptcp-lb/announce.key`, mode 0600).
+    #[arg(long)]
+    pub announce_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -188,6 +196,9 @@ pub fn deploy_backend(
             "deploy-backend: no service of the file steers joins by port: no C bit, no join ports"
         );
     }
+    if !args.announce_to.is_empty() {
+        deploy_agent(args, &bin)?;
+    }
     if systemd() && ns.is_none() {
         // At boot, the kernel has forgotten both: a oneshot unit redoes them.
         let unit = format!(
@@ -226,11 +237,156 @@ pub fn deploy_backend(
     Ok(())
 }
 
+/// Where a backend's token agent keeps its pid and log (without systemd).
+fn agent_files(prefix: &Path) -> (PathBuf, PathBuf) {
+    (
+        prefix.join("var/run/mptcp-lb/agent.pid"),
+        prefix.join("var/log/mptcp-lb/agent.log"),
+    )
+}
+
+/// Stops the token agent the pid file names, if it is one; returns its pid.
+fn stop_agent(prefix: &Path) -> anyhow::Result<Option<i32>> {
+    let (pid_file, _) = agent_files(prefix);
+    let Some((pid, argv)) = process_of(&pid_file) else {
+        let _ = std::fs::remove_file(&pid_file);
+        return Ok(None);
+    };
+    if !argv.iter().any(|a| a == b"agent") {
+        let _ = std::fs::remove_file(&pid_file);
+        return Ok(None);
+    }
+    // SAFETY: kill on the pid the agent's pid file names, checked above to be an agent.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            bail!("the token agent (pid {pid}) did not exit within 10 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(Some(pid))
+}
+
+/// Installs the announcement key and (re)starts `mptcp-lb agent`: a systemd unit on a
+/// host with systemd, else a background process with a pid file and a log. Waits until
+/// it announces, or says why it stopped.
+fn deploy_agent(args: &BackendArgs, bin: &Path) -> anyhow::Result<()> {
+    let key = args
+        .announce_key
+        .as_ref()
+        .context("--announce-key: needed with --announce-to (the key the nodes share)")?;
+    let backend = args.backend.context(
+        "--backend: needed with --announce-to (the address the nodes know this backend by)",
+    )?;
+    let installed = args.prefix.join("etc/mptcp-lb/announce.key");
+    install_file(key, &installed, 0o600)?;
+    let mut argv: Vec<String> = vec![
+        "agent".into(),
+        "--interface".into(),
+        args.iface.clone(),
+        "--backend".into(),
+        backend.to_string(),
+        "--key-file".into(),
+        installed.display().to_string(),
+    ];
+    for n in &args.announce_to {
+        argv.push("--node".into());
+        argv.push(n.to_string());
+    }
+    let ns = args.netns.as_deref();
+    if systemd() && ns.is_none() {
+        let unit = format!(
+            "[Unit]\nDescription=mptcp-lb token agent: this backend's MPTCP tokens to the balancer nodes\nAfter=network-online.target\nWants=network-online.target\n\n\
+             [Service]\nType=simple\nExecStart={} {}\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n",
+            bin.display(),
+            argv.join(" ")
+        );
+        std::fs::write(unit_path("mptcp-lb-agent"), unit)?;
+        for a in [
+            vec!["daemon-reload"],
+            vec!["enable", "mptcp-lb-agent"],
+            vec!["restart", "mptcp-lb-agent"],
+        ] {
+            if !Command::new("systemctl").args(&a).status()?.success() {
+                bail!("systemctl {} failed", a.join(" "));
+            }
+        }
+        println!("deploy-backend: token agent: systemd unit mptcp-lb-agent (re)started");
+        return Ok(());
+    }
+    if let Some(old) = stop_agent(&args.prefix)? {
+        println!("deploy-backend: previous token agent (pid {old}) stopped");
+    }
+    let (pid_file, log_file) = agent_files(&args.prefix);
+    for p in [&pid_file, &log_file] {
+        std::fs::create_dir_all(p.parent().context("dir")?)?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_file)
+        .with_context(|| format!("opening {}", log_file.display()))?;
+    let start = std::fs::metadata(&log_file)?.len();
+    let mut cmd = in_netns(ns, bin);
+    cmd.args(&argv)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid in the child before exec, as for the daemon: it outlives us.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting mptcp-lb agent")?;
+    let pid = child.id() as i32;
+    std::fs::write(&pid_file, format!("{pid}\n"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let said = std::fs::read(&log_file)
+            .map(|b| String::from_utf8_lossy(&b[start as usize..]).into_owned())
+            .unwrap_or_default();
+        if said.contains("announcing this backend's MPTCP tokens") {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            let _ = std::fs::remove_file(&pid_file);
+            bail!("the token agent stopped ({status}): {}", said.trim());
+        }
+        if Instant::now() > deadline {
+            bail!("the token agent did not start within 15 s: {}", said.trim());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nodes: Vec<String> = args.announce_to.iter().map(ToString::to_string).collect();
+    println!(
+        "deploy-backend: token agent started (pid {pid}, log {}), announcing to {}",
+        log_file.display(),
+        nodes.join(", ")
+    );
+    Ok(())
+}
+
 /// Withdraws the join ports, clears the C bit and detaches the decapsulation.
 pub fn undeploy_backend(args: &UndeployBackendArgs) -> anyhow::Result<()> {
     let bin = args.prefix.join("bin/mptcp-lb");
     let config = args.prefix.join("etc/mptcp-lb/backend.toml");
     let ns = args.netns.as_deref();
+    if systemd() && ns.is_none() && unit_path("mptcp-lb-agent").exists() {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "mptcp-lb-agent"])
+            .status();
+        std::fs::remove_file(unit_path("mptcp-lb-agent"))?;
+        let _ = Command::new("systemctl").arg("daemon-reload").status();
+        println!("undeploy-backend: token agent unit removed");
+    }
+    if let Some(pid) = stop_agent(&args.prefix)? {
+        println!("undeploy-backend: token agent (pid {pid}) stopped");
+    }
+    let _ = std::fs::remove_file(args.prefix.join("etc/mptcp-lb/announce.key"));
     if systemd() && ns.is_none() && unit_path("mptcp-lb-backend").exists() {
         let _ = Command::new("systemctl")
             .args(["disable", "mptcp-lb-backend"])
