@@ -271,6 +271,13 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("JSON output")
     }
 
+    /// One dataplane counter (`inspect stats`), 0 when absent.
+    pub fn stat(&self, name: &str) -> u64 {
+        self.json(&["inspect", "stats", "--json"])[name]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     pub fn status(&self) -> serde_json::Value {
         self.json(&["status", "--json"])
     }

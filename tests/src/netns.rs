@@ -247,6 +247,11 @@ impl Netns {
 
     /// The namespace's kernel counters (nstat names, e.g. `TcpExtTCPSynRetrans`,
     /// `MPTcpExtMPJoinNoTokenFound`), absolute values.
+    /// One counter of `nstat` (0 when the kernel has none of that name).
+    pub fn nstat_value(&self, name: &str) -> u64 {
+        self.nstat().get(name).copied().unwrap_or(0)
+    }
+
     pub fn nstat(&self) -> HashMap<String, u64> {
         let history = std::env::temp_dir().join(format!("nstat-{}", self.name));
         let mut cmd = self.command(&["nstat", "-a", "-z", "-s"]);

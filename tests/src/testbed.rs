@@ -544,6 +544,16 @@ source_v6 = "{a6}"
         }
     }
 
+    /// A second path for both families, also for connections already established:
+    /// IPv6 connections (which start on cell) join from wifi, IPv4 ones (which start on
+    /// wifi) join from cell. No family crossing: applications open IPv4 sockets.
+    pub fn client_second_paths(&self) {
+        self.client_joins(true);
+        self.client.run(&[
+            "ip", "mptcp", "endpoint", "add", "10.1.2.2", "dev", "cell0", "subflow",
+        ]);
+    }
+
     /// On: the client opens a second subflow from its wifi IPv6 address (a `subflow`
     /// endpoint), also for connections already established. Off: it opens none.
     pub fn client_joins(&self, on: bool) {
@@ -610,6 +620,13 @@ pub struct Server {
     pub expect_joins: Arc<AtomicBool>,
     pub join_wait_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    /// What the server has recorded so far (a copy).
+    pub fn recorded(&self) -> Vec<ConnRecord> {
+        self.records.lock().expect("records").clone()
+    }
 }
 
 impl Drop for Server {

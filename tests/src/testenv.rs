@@ -193,6 +193,32 @@ pub fn mp_join_syn(token: u32) -> Vec<u8> {
     o
 }
 
+/// A client's MP_CAPABLE SYN (its key in it for version 0) and its third ACK with both
+/// keys (the client's, then `server_key`), on CLIENT4:`port` -> vip4(6):80.
+pub fn mp_handshake4(port: u16, version: u8, server_key: u64) -> [Vec<u8>; 2] {
+    use crate::packets::{ACK, SYN, tcp4};
+    let syn_opt: &[u8] = if version == 0 {
+        &MP_CAPABLE_SYN_V0
+    } else {
+        &MP_CAPABLE_SYN_V1
+    };
+    [
+        tcp4(CLIENT4, vip4(6), port, 80, SYN, syn_opt, &[]),
+        tcp4(
+            CLIENT4,
+            vip4(6),
+            port,
+            80,
+            ACK,
+            &mp_capable_keys(version, 20, V0_CLIENT_KEY, server_key),
+            &[],
+        ),
+    ]
+}
+
+/// The client key [`MP_CAPABLE_SYN_V0`] carries.
+pub const V0_CLIENT_KEY: u64 = 0xc1c2_c3c4_c5c6_c7c8;
+
 pub const MP_CAPABLE_SYN_V1: [u8; 4] = [30, 4, 0x01, 0x01];
 pub const MP_CAPABLE_SYN_V0: [u8; 12] = [
     30, 12, 0x00, 0x01, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8,

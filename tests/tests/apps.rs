@@ -119,12 +119,7 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
         return;
     }
     let tb = Testbed::new("mlb-app", 3);
-    // IPv6 connections start on cell and join from wifi; IPv4 ones start on wifi and
-    // join from cell (applications open IPv4 sockets: no family crossing here).
-    tb.client_joins(true);
-    tb.client.run(&[
-        "ip", "mptcp", "endpoint", "add", "10.1.2.2", "dev", "cell0", "subflow",
-    ]);
+    tb.client_second_paths();
     let base = PathBuf::from("/tmp/mlb-app");
     let _ = std::fs::remove_dir_all(&base);
     let mut servers: Vec<Child> = Vec::new();

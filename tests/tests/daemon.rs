@@ -19,10 +19,6 @@ use mptcp_lb_tests::{
     },
 };
 
-fn records(s: &Server) -> Vec<ConnRecord> {
-    s.records.lock().expect("records").clone()
-}
-
 fn accepted(servers: &[Server]) -> Vec<usize> {
     servers
         .iter()
@@ -129,7 +125,7 @@ fn restart_under_load_and_reload() {
     println!("program {prog} replaced by {new_prog} through the pinned link");
     // Every connection, the held ones included, has both subflows on one backend: a
     // join sent elsewhere would have been reset (no second subflow recorded).
-    let recs: Vec<ConnRecord> = servers.iter().flat_map(records).collect();
+    let recs: Vec<ConnRecord> = servers.iter().flat_map(Server::recorded).collect();
     assert_eq!(recs.len(), 70, "50 held + 20 during the outage");
     for r in &recs {
         assert_eq!(
@@ -152,7 +148,7 @@ fn restart_under_load_and_reload() {
         })
         .collect();
     for (i, s) in servers.iter().enumerate() {
-        for r in records(s) {
+        for r in s.recorded() {
             let token = format!("{:08x}", r.token);
             assert_eq!(
                 listed.get(&token).map(String::as_str),
@@ -250,7 +246,11 @@ fn restart_under_load_and_reload() {
     );
     assert!(joins >= 70, "join_routed {joins}");
     // The removed backend's tokens were dropped with it; the others remain.
-    let on_3 = records(&servers[2]).iter().filter(|r| r.token != 0).count() as u64;
+    let on_3 = servers[2]
+        .recorded()
+        .iter()
+        .filter(|r| r.token != 0)
+        .count() as u64;
     assert_eq!(metric(&text, "mptcp_lb_token_table_entries"), 70 - on_3);
     assert!(
         metric(

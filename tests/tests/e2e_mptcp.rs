@@ -23,21 +23,12 @@ use mptcp_lb_tests::{
     netns::Netns,
     privileged,
     testbed::{
-        ConnRecord, LB4, LB6, Server, Testbed, VIP6, across, alternate, backend_addr4, run_clients,
-        serve,
+        LB4, LB6, Server, Testbed, VIP6, across, alternate, backend_addr4, run_clients, serve,
     },
 };
 
 const JOIN_NO_TOKEN: &str = "MPTcpExtMPJoinNoTokenFound";
 const JOIN_SYN_RX: &str = "MPTcpExtMPJoinSynRx";
-
-fn counter(ns: &Netns, name: &str) -> u64 {
-    ns.nstat().get(name).copied().unwrap_or(0)
-}
-
-fn records(s: &Server) -> Vec<ConnRecord> {
-    s.records.lock().expect("records").clone()
-}
 
 fn config(flags: u32) -> Config {
     Config {
@@ -114,16 +105,20 @@ fn every_subflow_reaches_its_connections_backend() {
     println!("    client: {}", mptcp_counters(&tb.client));
     for (i, (s, be)) in servers.iter().zip(&tb.backends).enumerate() {
         println!("    backend {}: {}", i + 1, mptcp_counters(be));
-        for r in records(s).iter().filter(|r| r.subflow_families.len() != 2) {
+        for r in s
+            .recorded()
+            .iter()
+            .filter(|r| r.subflow_families.len() != 2)
+        {
             println!("    backend {}: a connection without a join: {r:?}", i + 1);
         }
     }
     let (mut crossed, mut same) = (0, 0);
     let mut server_tokens: HashMap<u32, usize> = HashMap::new();
     for (i, (s, be)) in servers.iter().zip(&tb.backends).enumerate() {
-        let recs = records(s);
+        let recs = s.recorded();
         let owned = s.accepted.load(Ordering::Relaxed) as u64;
-        let (no_token, join_rx) = (counter(be, JOIN_NO_TOKEN), counter(be, JOIN_SYN_RX));
+        let (no_token, join_rx) = (be.nstat_value(JOIN_NO_TOKEN), be.nstat_value(JOIN_SYN_RX));
         println!(
             "backend {}: {owned} connections, {join_rx} joins received, MPJoinNoTokenFound {no_token}",
             i + 1
@@ -197,7 +192,7 @@ fn every_subflow_reaches_its_connections_backend() {
 /// their joins still reach it, and no new connection does.
 fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
     tb.client_joins(false);
-    let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let before: Vec<usize> = servers.iter().map(|s| s.recorded().len()).collect();
     let errors = across(&tb.client, 30, true, v6, || {
         dp.set_ring(0, &Testbed::members(&[2, 3]))
             .expect("ring without backend 1");
@@ -210,7 +205,7 @@ fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
         errors.is_empty(),
         "connections failed across the drain: {errors:?}"
     );
-    let on_drained = &records(&servers[0])[before[0]..];
+    let on_drained = &servers[0].recorded()[before[0]..];
     println!(
         "{} of the 30 connections were on backend 1 when it drained",
         on_drained.len()
@@ -226,7 +221,7 @@ fn drain(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
             "a join for a draining backend's connection was lost: {r:?}"
         );
     }
-    assert_eq!(counter(&tb.backends[0], JOIN_NO_TOKEN), 0);
+    assert_eq!(tb.backends[0].nstat_value(JOIN_NO_TOKEN), 0);
 
     let accepted1 = servers[0].accepted.load(Ordering::Relaxed);
     let errors = run_clients(&tb.client, 30, 6, true, v6);
@@ -249,7 +244,11 @@ fn negative_control(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
     for s in servers {
         s.expect_joins.store(false, Ordering::Relaxed);
     }
-    let before: u64 = tb.backends.iter().map(|b| counter(b, JOIN_NO_TOKEN)).sum();
+    let before: u64 = tb
+        .backends
+        .iter()
+        .map(|b| b.nstat_value(JOIN_NO_TOKEN))
+        .sum();
     let errors = run_clients(&tb.client, 30, 6, true, alternate);
     assert!(
         errors.is_empty(),
@@ -258,7 +257,7 @@ fn negative_control(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
     let lost: u64 = tb
         .backends
         .iter()
-        .map(|b| counter(b, JOIN_NO_TOKEN))
+        .map(|b| b.nstat_value(JOIN_NO_TOKEN))
         .sum::<u64>()
         - before;
     println!("awareness off: backends refused {lost} joins (MPJoinNoTokenFound)");
@@ -266,6 +265,10 @@ fn negative_control(tb: &Testbed, dp: &mut Dataplane, servers: &[Server]) {
         lost > 0,
         "without MPTCP awareness some joins must reach the wrong backend"
     );
-    let unique: HashSet<u32> = servers.iter().flat_map(records).map(|r| r.token).collect();
+    let unique: HashSet<u32> = servers
+        .iter()
+        .flat_map(Server::recorded)
+        .map(|r| r.token)
+        .collect();
     assert!(unique.len() >= 260);
 }

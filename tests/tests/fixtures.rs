@@ -845,7 +845,7 @@ fn mptcp_fixtures() {
             41003,
             80,
             ACK,
-            &mp_capable_keys(0, 20, 0xc1c2_c3c4_c5c6_c7c8, key_d),
+            &mp_capable_keys(0, 20, V0_CLIENT_KEY, key_d),
             &[],
         );
         // A forged third ACK for a flow that never sent a SYN through us.

@@ -13,11 +13,9 @@ use std::{net::IpAddr, process::Output, sync::atomic::Ordering, time::Duration};
 
 use mptcp_lb_tests::{
     daemon::{Daemon, cli_in},
-    netns::Netns,
     privileged,
     testbed::{
-        ConnRecord, PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4,
-        run_clients, serve,
+        PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4, run_clients, serve,
     },
 };
 
@@ -27,14 +25,6 @@ const BACKENDS: usize = 3;
 const JOIN_PORT_BASE: u16 = 20000;
 /// The client's second path (cell): its joins leave from here (a fullmesh endpoint).
 const SECOND_PATH: &str = "10.1.2.2";
-
-fn nstat(ns: &Netns, name: &str) -> u64 {
-    ns.nstat().get(name).copied().unwrap_or(0)
-}
-
-fn records(s: &Server) -> Vec<ConnRecord> {
-    s.records.lock().expect("records").clone()
-}
 
 /// The service: both VIPs, backends 1-3; with `port`, joins steered by port
 /// (backend i announces JOIN_PORT_BASE + i).
@@ -74,17 +64,11 @@ fn forwarded(d: &Daemon) -> u64 {
         .sum()
 }
 
-fn counter(d: &Daemon, name: &str) -> u64 {
-    d.json(&["inspect", "stats", "--json"])[name]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 /// Every connection the servers recorded after `before` (their counts then) had both
 /// subflows on its backend.
 fn assert_both_subflows_since(servers: &[Server], before: &[usize]) {
     for (i, s) in servers.iter().enumerate() {
-        for r in &records(s)[before[i]..] {
+        for r in &s.recorded()[before[i]..] {
             assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
         }
     }
@@ -143,9 +127,9 @@ fn join_counts(tb: &Testbed, servers: &[Server]) -> Vec<(u64, u64, u64, u64)> {
         .map(|(s, be)| {
             (
                 s.accepted.load(Ordering::Relaxed) as u64,
-                nstat(be, "MPTcpExtMPJoinSynRx"),
-                nstat(be, "MPTcpExtMPJoinPortSynRx"),
-                nstat(be, "MPTcpExtMPJoinNoTokenFound"),
+                be.nstat_value("MPTcpExtMPJoinSynRx"),
+                be.nstat_value("MPTcpExtMPJoinPortSynRx"),
+                be.nstat_value("MPTcpExtMPJoinNoTokenFound"),
             )
         })
         .collect()
@@ -265,10 +249,7 @@ fn every_join_reaches_its_backend_through_any_node() {
     let errors = run_clients(&tb.client, 200, 10, true, alternate);
     let counts = join_counts(&tb, &servers);
     let per_node: Vec<u64> = daemons.iter().map(forwarded).collect();
-    let routed: Vec<u64> = daemons
-        .iter()
-        .map(|d| counter(d, "join_port_routed"))
-        .collect();
+    let routed: Vec<u64> = daemons.iter().map(|d| d.stat("join_port_routed")).collect();
     println!("per backend (connections, joins, joins on a join port, no token): {counts:?}");
     println!(
         "packets forwarded per node: {per_node:?}; join SYNs steered by port per node: {routed:?}"
@@ -291,7 +272,7 @@ fn every_join_reaches_its_backend_through_any_node() {
     }
     let mut shapes = 0;
     for (i, s) in servers.iter().enumerate() {
-        for r in records(s) {
+        for r in s.recorded() {
             assert_eq!(r.subflow_families.len(), 2, "backend {}: {r:?}", i + 1);
             assert_eq!(
                 r.subflow_peers[1],
@@ -356,7 +337,7 @@ const HELD: usize = 200;
 /// quarter of the established flows move to a node that has never seen them. Maglev
 /// gives them the same backend there, and joins go by port: none breaks.
 fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
-    let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let before: Vec<usize> = servers.iter().map(|s| s.recorded().len()).collect();
     let mut new = None;
     let errors = across(&tb.client, HELD, true, alternate, || {
         let k = NODES + 1;
@@ -369,7 +350,7 @@ fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
         tb.wait_next_hops(k, Duration::from_secs(20));
     });
     let d = new.expect("node 4 started");
-    let moved = counter(&d, "conn_miss_non_syn");
+    let moved = d.stat("conn_miss_non_syn");
     println!(
         "node 4 joined under {HELD} connections: {} failed, {moved} established flows moved to it",
         errors.len()
@@ -391,11 +372,8 @@ fn node_joins_under_traffic(tb: &Testbed, servers: &[Server]) -> Daemon {
 /// which have never seen them. Maglev on the same configuration picks the same backend
 /// there, and joins go by port: every connection completes with both subflows.
 fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon]) {
-    let before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
-    let misses_before: u64 = daemons
-        .iter()
-        .map(|d| counter(d, "conn_miss_non_syn"))
-        .sum();
+    let before: Vec<usize> = servers.iter().map(|s| s.recorded().len()).collect();
+    let misses_before: u64 = daemons.iter().map(|d| d.stat("conn_miss_non_syn")).sum();
     let errors = across(&tb.client, HELD, true, alternate, || {
         // Node 2 dies: its BGP speaker with it (the router withdraws its routes), and
         // its link.
@@ -405,7 +383,7 @@ fn node_leaves_under_traffic(tb: &Testbed, servers: &[Server], daemons: &[Daemon
     });
     let moved: u64 = daemons
         .iter()
-        .map(|d| counter(d, "conn_miss_non_syn"))
+        .map(|d| d.stat("conn_miss_non_syn"))
         .sum::<u64>()
         - misses_before;
     println!(
@@ -564,22 +542,19 @@ fn negative_control(tb: &Testbed, servers: &[Server], daemons: &mut [Daemon], fi
     }
     rings_agree(daemons, "after a reload");
     let before = join_counts(tb, servers);
-    let recs_before: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
+    let recs_before: Vec<usize> = servers.iter().map(|s| s.recorded().len()).collect();
     let v4 = |_: usize| IpAddr::V4(VIP4);
     let errors = run_clients(&tb.client, 60, 10, true, v4);
     assert!(errors.is_empty(), "{errors:?}");
     let mut joined = 0;
     for (i, s) in servers.iter().enumerate() {
-        joined += records(s)[recs_before[i]..]
+        joined += s.recorded()[recs_before[i]..]
             .iter()
             .filter(|r| r.subflow_families.len() == 2)
             .count();
     }
     let after = join_counts(tb, servers);
-    let dropped: u64 = daemons
-        .iter()
-        .map(|d| counter(d, "join_unknown_dropped"))
-        .sum();
+    let dropped: u64 = daemons.iter().map(|d| d.stat("join_unknown_dropped")).sum();
     println!(
         "negative control, token steering through {} nodes: {joined} of 60 connections kept their join; {dropped} join SYNs dropped as unknown; backends before {before:?} after {after:?}",
         daemons.len()

@@ -232,8 +232,7 @@ fn version_0_keys_must_echo_the_client_key_of_the_syn() {
         let ifindex = link.ifindex;
         let run = |dp: &mut Dataplane, p: &[u8]| run_once(dp.program(), p, ifindex).0;
         let c = |dp: &Dataplane, k| dp.counter(k).expect("counter");
-        // MP_CAPABLE_SYN_V0 carries this client key.
-        let client_key = 0xc1c2_c3c4_c5c6_c7c8u64;
+        let client_key = V0_CLIENT_KEY;
         let (real, forged) = (0x0d0d_0000_0000_0001u64, 0x0d0d_0000_0000_0002u64);
         let port = 41400;
         let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, &MP_CAPABLE_SYN_V0, &[]);
@@ -290,30 +289,17 @@ fn a_service_learning_from_its_backends_learns_nothing_from_clients() {
     with_balancer(test, "bklearn", |mut dp, _, link| {
         let ifindex = link.ifindex;
         let handshake = |dp: &mut Dataplane, port: u16, version: u8, server_key: u64| {
-            let syn_opt: &[u8] = if version == 0 {
-                &MP_CAPABLE_SYN_V0
-            } else {
-                &MP_CAPABLE_SYN_V1
-            };
-            let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, syn_opt, &[]);
-            let ack = tcp4(
-                CLIENT4,
-                vip4(6),
-                port,
-                80,
-                ACK,
-                &mp_capable_keys(version, 20, 0xc1c2_c3c4_c5c6_c7c8, server_key),
-                &[],
-            );
+            // The SYN, the third ACK, and the first data segment with the keys again.
             let data = tcp4(
                 CLIENT4,
                 vip4(6),
                 port,
                 80,
                 ACK,
-                &mp_capable_keys(version, 22, 0xc1c2_c3c4_c5c6_c7c8, server_key),
+                &mp_capable_keys(version, 22, V0_CLIENT_KEY, server_key),
                 b"data",
             );
+            let [syn, ack] = mp_handshake4(port, version, server_key);
             for p in [&syn, &ack, &data] {
                 assert_eq!(run_once(dp.program(), p, ifindex).0, XDP_TX);
             }

@@ -191,23 +191,9 @@ fn a_service_steering_by_port_learns_only_version_0_tokens() {
     with_balancer(test, "jlearn", |mut dp, _ring, link| {
         let ifindex = link.ifindex;
         let handshake = |dp: &mut Dataplane, port: u16, version: u8, server_key: u64| {
-            let syn_opt: &[u8] = if version == 0 {
-                &MP_CAPABLE_SYN_V0
-            } else {
-                &MP_CAPABLE_SYN_V1
-            };
-            let syn = tcp4(CLIENT4, vip4(6), port, 80, SYN, syn_opt, &[]);
-            let ack = tcp4(
-                CLIENT4,
-                vip4(6),
-                port,
-                80,
-                ACK,
-                &mp_capable_keys(version, 20, 0xc1c2_c3c4_c5c6_c7c8, server_key),
-                &[],
-            );
-            assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
-            assert_eq!(run_once(dp.program(), &ack, ifindex).0, XDP_TX);
+            for p in mp_handshake4(port, version, server_key) {
+                assert_eq!(run_once(dp.program(), &p, ifindex).0, XDP_TX);
+            }
         };
         // The control first: steering by token, a v1 handshake is learned.
         handshake(&mut dp, 44000, 1, 0x1111);

@@ -19,8 +19,8 @@ use mptcp_lb_tests::{
     netns::{Netns, wait_until},
     privileged,
     testbed::{
-        ConnRecord, PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4,
-        node_addrs, run_clients, serve,
+        PORT, Server, Testbed, VIP4, VIP6, across, alternate, backend_addr4, node_addrs,
+        run_clients, serve,
     },
 };
 
@@ -30,7 +30,6 @@ const LISTEN: u16 = 7400;
 /// The client's one-way delays (round trips of 40 ms on wifi and 10 ms on cell).
 const WIFI_ONE_WAY_MS: u64 = 20;
 const CELL_ONE_WAY_MS: u64 = 5;
-const SECOND_PATH: &str = "10.1.2.2";
 const METRICS: &str = "127.0.0.1:9641";
 const KEY: &str = "6d707463702d6c622074657374206b6579206f6620746865206669656574212121";
 
@@ -47,17 +46,9 @@ fn service() -> String {
     s
 }
 
-fn nstat(ns: &Netns, name: &str) -> u64 {
-    ns.nstat().get(name).copied().unwrap_or(0)
-}
-
-fn records(s: &Server) -> Vec<ConnRecord> {
-    s.records.lock().expect("records").clone()
-}
-
 /// How many connections each server has recorded.
 fn record_counts(servers: &[Server]) -> Vec<usize> {
-    servers.iter().map(|s| records(s).len()).collect()
+    servers.iter().map(|s| s.recorded().len()).collect()
 }
 
 /// Connections recorded since `before` (from `record_counts`) that had their join.
@@ -66,7 +57,7 @@ fn joined_since(servers: &[Server], before: &[usize]) -> usize {
         .iter()
         .zip(before)
         .map(|(s, b)| {
-            records(s)[*b..]
+            s.recorded()[*b..]
                 .iter()
                 .filter(|r| r.subflow_families.len() == 2)
                 .count()
@@ -76,16 +67,7 @@ fn joined_since(servers: &[Server], before: &[usize]) -> usize {
 
 /// Join SYNs the nodes refused because they did not know the token.
 fn unknown_joins(daemons: &[Daemon]) -> u64 {
-    daemons
-        .iter()
-        .map(|d| counter(d, "join_unknown_dropped"))
-        .sum()
-}
-
-fn counter(d: &Daemon, name: &str) -> u64 {
-    d.json(&["inspect", "stats", "--json"])[name]
-        .as_u64()
-        .unwrap_or(0)
+    daemons.iter().map(|d| d.stat("join_unknown_dropped")).sum()
 }
 
 fn tokens_in(d: &Daemon) -> serde_json::Value {
@@ -275,27 +257,15 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
                 .join("\n")
         );
     }
-    // IPv6 connections start on cell and join from wifi; IPv4 ones start on wifi and
-    // join from cell.
-    tb.client_joins(true);
-    tb.client.run(&[
-        "ip",
-        "mptcp",
-        "endpoint",
-        "add",
-        SECOND_PATH,
-        "dev",
-        "cell0",
-        "subflow",
-    ]);
+    tb.client_second_paths();
     tb.wait_next_hops(NODES, Duration::from_secs(20));
 
     let monitors: Vec<Monitor> = tb.backends.iter().map(Monitor::start).collect();
-    let syn_retrans = nstat(&tb.client, "TcpExtTCPSynRetrans");
+    let syn_retrans = tb.client.nstat_value("TcpExtTCPSynRetrans");
     let no_token: Vec<u64> = tb
         .backends
         .iter()
-        .map(|be| nstat(be, "MPTcpExtMPJoinNoTokenFound"))
+        .map(|be| be.nstat_value("MPTcpExtMPJoinNoTokenFound"))
         .collect();
     let t = std::time::Instant::now();
     let errors = run_clients(&tb.client, 200, 10, true, alternate);
@@ -304,27 +274,27 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     let joined: usize = servers
         .iter()
         .map(|s| {
-            records(s)
+            s.recorded()
                 .iter()
                 .filter(|r| r.subflow_families.len() == 2)
                 .count()
         })
         .sum();
-    let per_backend: Vec<usize> = servers.iter().map(|s| records(s).len()).collect();
-    let retrans = nstat(&tb.client, "TcpExtTCPSynRetrans") - syn_retrans;
+    let per_backend: Vec<usize> = servers.iter().map(|s| s.recorded().len()).collect();
+    let retrans = tb.client.nstat_value("TcpExtTCPSynRetrans") - syn_retrans;
     let lost: Vec<u64> = tb
         .backends
         .iter()
         .zip(&no_token)
-        .map(|(be, b)| nstat(be, "MPTcpExtMPJoinNoTokenFound") - b)
+        .map(|(be, b)| be.nstat_value("MPTcpExtMPJoinNoTokenFound") - b)
         .collect();
     let per_node: Vec<(u64, u64, u64, u64)> = daemons
         .iter()
         .map(|d| {
             (
-                counter(d, "join_routed"),
-                counter(d, "join_unknown_dropped"),
-                counter(d, "token_learned_v1") + counter(d, "token_learned_v0"),
+                d.stat("join_routed"),
+                d.stat("join_unknown_dropped"),
+                d.stat("token_learned_v1") + d.stat("token_learned_v0"),
                 tokens_in(d)["entries"]["applied"].as_u64().unwrap_or(0),
             )
         })
@@ -338,7 +308,7 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     }
     let tokens: Vec<u32> = servers
         .iter()
-        .flat_map(|s| records(s).into_iter().map(|r| r.token))
+        .flat_map(|s| s.recorded().into_iter().map(|r| r.token))
         .collect();
     let delays = join_delays(&monitors, &tokens);
     let pct = |p: usize| {
@@ -370,13 +340,13 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     // ACK at all: the joins still find their token on their first SYN.
     delay.drop_third_acks.store(true, Ordering::Relaxed);
     let recs_before = record_counts(&servers);
-    let retrans_before = nstat(&tb.client, "TcpExtTCPSynRetrans");
+    let retrans_before = tb.client.nstat_value("TcpExtTCPSynRetrans");
     let unknown_before = unknown_joins(&daemons);
     let errors = run_clients(&tb.client, 60, 10, true, alternate);
     delay.drop_third_acks.store(false, Ordering::Relaxed);
     assert!(errors.is_empty(), "{errors:?}");
     let joined = joined_since(&servers, &recs_before);
-    let retrans = nstat(&tb.client, "TcpExtTCPSynRetrans") - retrans_before;
+    let retrans = tb.client.nstat_value("TcpExtTCPSynRetrans") - retrans_before;
     let unknown = unknown_joins(&daemons) - unknown_before;
     let dropped_acks = delay.dropped.load(Ordering::Relaxed);
     println!(
@@ -399,15 +369,15 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     let joins_before: u64 = tb
         .backends
         .iter()
-        .map(|be| nstat(be, "MPTcpExtMPJoinSynRx"))
+        .map(|be| be.nstat_value("MPTcpExtMPJoinSynRx"))
         .sum();
     let dropped_before = unknown_joins(&daemons);
-    let retrans_before = nstat(&tb.client, "TcpExtTCPSynRetrans");
+    let retrans_before = tb.client.nstat_value("TcpExtTCPSynRetrans");
     let held = 40;
     let mut node2_routed_before = 0;
     let errors = across(&tb.client, held, true, alternate, || {
         // Node 2's counters live in its pinned maps: readable without its daemon.
-        node2_routed_before = counter(&daemons[1], "join_routed");
+        node2_routed_before = daemons[1].stat("join_routed");
         daemons[1].spawn();
         let t = std::time::Instant::now();
         wait_until(
@@ -425,17 +395,7 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
             "node 2 restarted; every agent's listing reached it {} ms after its start",
             t.elapsed().as_millis()
         );
-        tb.client_joins(true);
-        tb.client.run(&[
-            "ip",
-            "mptcp",
-            "endpoint",
-            "add",
-            SECOND_PATH,
-            "dev",
-            "cell0",
-            "subflow",
-        ]);
+        tb.client_second_paths();
         wait_until(
             Duration::from_secs(20),
             "every held connection to join",
@@ -443,7 +403,7 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
                 let j: u64 = tb
                     .backends
                     .iter()
-                    .map(|be| nstat(be, "MPTcpExtMPJoinSynRx"))
+                    .map(|be| be.nstat_value("MPTcpExtMPJoinSynRx"))
                     .sum();
                 (j - joins_before >= held as u64).then_some(())
             },
@@ -451,9 +411,9 @@ fn every_join_finds_its_token_on_its_first_syn_through_any_node() {
     });
     assert!(errors.is_empty(), "{errors:?}");
     let joined = joined_since(&servers, &recs_before);
-    let node2_routed = counter(&daemons[1], "join_routed") - node2_routed_before;
+    let node2_routed = daemons[1].stat("join_routed") - node2_routed_before;
     let dropped = unknown_joins(&daemons) - dropped_before;
-    let retrans = nstat(&tb.client, "TcpExtTCPSynRetrans") - retrans_before;
+    let retrans = tb.client.nstat_value("TcpExtTCPSynRetrans") - retrans_before;
     println!(
         "node 2 killed and restarted: {joined} of {held} connections opened meanwhile joined; node 2 routed {node2_routed} of their joins; joins refused as unknown {dropped}; SYNs retransmitted {retrans}"
     );
