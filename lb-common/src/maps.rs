@@ -6,18 +6,33 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
-/// VIP (address, port, protocol) → [`VipInfo`].
+/// VIP (address, port, protocol) → [`VipInfo`]: what the controller installed, read by
+/// the controller and the CLI. The dataplane reads [`MAP_VIP_SLOTS`], built from it.
 pub const MAP_VIPS: &str = "LB_VIPS";
+/// The VIPs as the dataplane looks them up: two tables of [`VIP_SLOTS`] [`VipSlot`]s
+/// (`Config::vip_table` says which is live). Hash and displace: a VIP's slot is its
+/// [`vip_hash`] base plus the displacement [`MAP_VIP_BUCKETS`] holds for its bucket,
+/// which the controller chose so that no two VIPs share a slot. Two array lookups, both
+/// inlined by the verifier, and one comparison: a few nanoseconds where a hash-map
+/// lookup costs about twenty, on every packet.
+pub const MAP_VIP_SLOTS: &str = "LB_VIP_SLOTS";
+/// Displacements of the VIP tables: two tables of [`VIP_BUCKETS`] u32s, beside
+/// [`MAP_VIP_SLOTS`]'s two.
+pub const MAP_VIP_BUCKETS: &str = "LB_VIP_BUCKETS";
 /// Backend id → [`Backend`]; id 0 is reserved so an all-zero Maglev slot never routes.
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 /// Maglev lookup tables, one ring of `Config::ring_size` backend ids per service.
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
-/// Connection table: [`FlowKey`] → [`Conn`] (LRU, shared across CPUs).
+/// Connection table of IPv6 flows: [`FlowKey`] → [`Conn`] (LRU, shared across CPUs).
 pub const MAP_CONNS: &str = "LB_CONNS";
+/// Connection table of IPv4 flows: [`FlowKey4`] → [`Conn`] (LRU, shared across CPUs).
+/// A table of its own with 16-byte keys: a hit hashes and compares 16 bytes, not 40, and
+/// an entry takes 96 bytes of memory instead of 120.
+pub const MAP_CONNS4: &str = "LB_CONNS4";
 /// Global counters (per CPU), indexed by [`crate::counters::Counter`].
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-service packets and bytes (per CPU), indexed by service id.
@@ -51,11 +66,18 @@ pub const TOKEN_EVENTS_BYTES: u32 = 1 << 19;
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_VIPS: u32 = 1024;
+/// Slots of one VIP table: at most 2,048 entries (VIPs and their address markers) fill
+/// an eighth of it.
+pub const VIP_SLOTS: u32 = 16384;
+/// Buckets (displacements) of one VIP table.
+pub const VIP_BUCKETS: u32 = 4096;
 pub const MAX_DECAP_ADDRS: u32 = 64;
 /// Default Maglev ring size per service (prime, as Maglev requires).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Default connection-table capacity.
+/// Default capacity of the IPv4 connection table.
 pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
+/// Default capacity of the IPv6 connection table.
+pub const DEFAULT_CONN6_ENTRIES: u32 = 1 << 18;
 /// Default token-table capacity.
 pub const DEFAULT_TOKEN_ENTRIES: u32 = 1 << 20;
 /// Default idle time after which a token no longer routes joins (and may be relearned
@@ -125,8 +147,12 @@ pub struct Config {
     /// and a client can make handshakes at will. Over it, a packet's keys are not used
     /// (the flow keeps learning from its next packet with keys). 0 = no limit.
     pub max_learn_rate: u32,
+    /// Which of the two VIP tables in [`MAP_VIP_SLOTS`] is live (0 or 1). The controller
+    /// writes the other one, then switches.
+    pub vip_table: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 
 /// Per-CPU window of a rate limit ([`Config::max_conn_rate`], [`Config::max_learn_rate`]).
 #[repr(C)]
@@ -149,6 +175,34 @@ pub struct VipKey {
     pub family: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// One slot of a VIP table ([`MAP_VIP_SLOTS`]); `key.family == 0` is a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub info: VipInfo,
+}
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 28);
+
+/// `key`'s bucket (below [`VIP_BUCKETS`]) and base slot (below [`VIP_SLOTS`]) in a VIP
+/// table; its slot is the base plus its bucket's displacement, modulo [`VIP_SLOTS`]. Not
+/// keyed: the table is built from the configuration, never from traffic, and a lookup
+/// costs the same whatever the key.
+#[inline(always)]
+pub fn vip_hash(key: &VipKey) -> (u32, u32) {
+    let mut h = (key.addr[0] as u64) << 32 | key.addr[1] as u64;
+    h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= (key.addr[2] as u64) << 32 | key.addr[3] as u64;
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= (key.port as u64) << 16 | (key.proto as u64) << 8 | key.family as u64;
+    h = (h ^ (h >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 29;
+    (
+        (h >> 52) as u32 & (VIP_BUCKETS - 1),
+        h as u32 & (VIP_SLOTS - 1),
+    )
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -235,6 +289,50 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The key of this flow in the IPv4 table ([`MAP_CONNS4`]); meaningful when `family`
+    /// is [`FAMILY_V4`].
+    #[inline(always)]
+    pub fn v4(&self) -> FlowKey4 {
+        FlowKey4 {
+            src: self.src[0],
+            dst: self.dst[0],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Key of the IPv4 connection table: the client's 5-tuple, addresses and ports in
+/// network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
+
+impl From<FlowKey4> for FlowKey {
+    fn from(k: FlowKey4) -> FlowKey {
+        FlowKey {
+            src: [k.src, 0, 0, 0],
+            dst: [k.dst, 0, 0, 0],
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+}
 
 /// `Conn::flags`: the flow began with a SYN carrying MP_CAPABLE, seen by this node.
 pub const CONN_MPTCP: u32 = 1;
@@ -507,9 +605,13 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipInfo {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Conn {}
     // SAFETY: as above.

@@ -17,8 +17,8 @@ use lb_common::{
 use crate::{
     encap,
     maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, CONN_RATE, CONNS, MAGLEV, SERVICE_STATS, VIPS,
-        add_traffic, count,
+        BACKEND_STATS, BACKENDS, CONFIG, CONN_RATE, MAGLEV, SERVICE_STATS, add_traffic,
+        conn_insert, conn_ptr, count, vip_lookup,
     },
     mptcp,
     parse::{self, Packet},
@@ -46,8 +46,10 @@ fn not_balanceable(ctx: &XdpContext, pkt: &Packet) -> u32 {
         proto: 0,
         family: family(pkt),
     };
-    // SAFETY: the value is only checked for presence.
-    if unsafe { VIPS.get(marker) }.is_none() {
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if vip_lookup(cfg, &marker).is_none() {
         count(Counter::PassNonVip);
         return xdp_action::XDP_PASS;
     }
@@ -59,7 +61,6 @@ fn not_balanceable(ctx: &XdpContext, pkt: &Packet) -> u32 {
         Counter::DropIpv6Ext
     } else {
         if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
-            && let Some(cfg) = CONFIG.get(0)
             && cfg.ring_size != 0
             && let Some(verdict) =
                 crate::icmp::to_backend(ctx, pkt, cfg, ctx.data_end() - ctx.data())
@@ -221,14 +222,13 @@ pub fn balance(ctx: &XdpContext) -> u32 {
         proto: pkt.proto,
         family: family(&pkt),
     };
-    // SAFETY: VipInfo is Copy and read at once.
-    let Some(vip) = (unsafe { VIPS.get(vip_key) }).copied() else {
-        count(Counter::PassNonVip);
-        return xdp_action::XDP_PASS;
-    };
     // A reference into the map value, not a copy: the program's 512-byte stack is
     // needed by the token derivation.
     let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(vip) = vip_lookup(cfg, &vip_key) else {
+        count(Counter::PassNonVip);
         return xdp_action::XDP_PASS;
     };
     if cfg.ring_size == 0 {
@@ -329,21 +329,20 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                 }
                 if backend_id != 0 && record_join {
                     let flags = CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN;
-                    let _ = CONNS.insert(
-                        key,
+                    conn_insert(
+                        &key,
                         Conn {
                             backend: backend_id,
                             service: vip.service,
                             token,
                             flags,
                         },
-                        0,
                     );
                 }
             }
             _ => {}
         }
-    } else if let Some(conn) = CONNS.get_ptr_mut(key) {
+    } else if let Some(conn) = conn_ptr(&key) {
         // SAFETY: a valid map value pointer; Conn is plain data.
         let c = unsafe { *conn };
         match BACKENDS.get(c.backend) {
@@ -397,7 +396,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                 token: conn_token,
                 flags: conn_flags,
             };
-            let _ = CONNS.insert(key, conn, 0);
+            conn_insert(&key, conn);
         }
     }
     let Some(backend) = BACKENDS.get(backend_id).copied() else {

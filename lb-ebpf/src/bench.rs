@@ -13,7 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BENCH, CONNS, OPTION_SCRATCH, TOKENS},
+    maps::{BENCH, OPTION_SCRATCH, TOKENS, conn_ptr},
     parse::ptr_at,
 };
 
@@ -60,7 +60,7 @@ pub fn reset(ctx: &XdpContext) -> bool {
         unsafe { core::ptr::write_unaligned(p, b.seq) };
     }
     if b.relearn != 0
-        && let Some(c) = CONNS.get_ptr_mut(b.flow)
+        && let Some(c) = conn_ptr(&b.flow)
     {
         // SAFETY: a live map value.
         unsafe {

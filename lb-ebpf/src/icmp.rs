@@ -11,7 +11,7 @@ use lb_common::{counters::Counter, hash::flow_hash, maps::*, packet::*};
 use crate::{
     balancer::maglev_pick,
     encap,
-    maps::{BACKEND_STATS, BACKENDS, CONNS, VIPS, add_traffic, count},
+    maps::{BACKEND_STATS, BACKENDS, add_traffic, conn_get, count, vip_lookup},
     parse::{Packet, field, ptr_at},
 };
 
@@ -86,12 +86,10 @@ pub fn to_backend(ctx: &XdpContext, pkt: &Packet, cfg: &Config, packet_len: usiz
         proto: key.proto,
         family,
     };
-    // SAFETY: VipInfo is Copy and read at once.
-    let vip = unsafe { VIPS.get(vip_key) }.copied()?;
+    let vip = vip_lookup(cfg, &vip_key)?;
     let service = vip.service;
     // A join port's subflows belong to its backend and have no table entry.
-    // SAFETY: Conn is Copy and read at once.
-    let mut backend_id = match unsafe { CONNS.get(key) }.copied() {
+    let mut backend_id = match conn_get(&key) {
         _ if vip.flags & VIP_JOIN_PORT != 0 => vip.join_backend(),
         Some(c) if BACKENDS.get(c.backend).is_some_and(|b| b.flags != 0) => c.backend,
         _ => 0,

@@ -21,9 +21,37 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "LB_TOKEN_EVENTS")]
 pub static TOKEN_EVENTS: RingBuf = RingBuf::with_byte_size(TOKEN_EVENTS_BYTES, 0);
 
-/// VIP → service, plus address-only markers for fragments and extension headers.
+/// VIP → service, plus address-only markers for fragments and extension headers, as
+/// the controller installed them. The programs read [`VIP_TABLES`], built from it.
 #[map(name = "LB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The same VIPs as two tables of `VIP_SLOTS` slots; `Config::vip_table` says which
+/// one is live. Read through [`vip_lookup`].
+#[map(name = "LB_VIP_SLOTS")]
+pub static VIP_TABLES: Array<VipSlot> = Array::with_max_entries(2 * VIP_SLOTS, 0);
+
+/// The displacements of the two VIP tables, `VIP_BUCKETS` each.
+#[map(name = "LB_VIP_BUCKETS")]
+pub static VIP_BUCKETS_MAP: Array<u32> = Array::with_max_entries(2 * VIP_BUCKETS, 0);
+
+/// What the live VIP table holds for `key`: the one slot [`vip_hash`] and its bucket's
+/// displacement point at, if it holds `key`.
+#[inline(always)]
+pub fn vip_lookup(cfg: &Config, key: &VipKey) -> Option<VipInfo> {
+    let table = cfg.vip_table & 1;
+    let (bucket, base) = vip_hash(key);
+    let shift = *VIP_BUCKETS_MAP.get(table * VIP_BUCKETS + bucket)?;
+    let s = VIP_TABLES.get(table * VIP_SLOTS + (base.wrapping_add(shift) & (VIP_SLOTS - 1)))?;
+    (s.key.addr[0] == key.addr[0]
+        && s.key.addr[1] == key.addr[1]
+        && s.key.addr[2] == key.addr[2]
+        && s.key.addr[3] == key.addr[3]
+        && s.key.port == key.port
+        && s.key.proto == key.proto
+        && s.key.family == key.family)
+        .then_some(s.info)
+}
 
 /// Backend id → address and state; id 0 never routes.
 #[map(name = "LB_BACKENDS")]
@@ -33,12 +61,47 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "LB_MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * DEFAULT_RING_SIZE, 0);
 
-/// Connection table. Shared, not per-CPU: an MPTCP connection's subflows come from
-/// other addresses and land on other CPUs, and the controller and CLI read one table.
-/// BPF_F_NO_COMMON_LRU keeps an LRU list per CPU, so inserts do not contend on one lock.
+/// Connection table of IPv6 flows. Shared, not per-CPU: an MPTCP connection's subflows
+/// come from other addresses and land on other CPUs, and the controller and CLI read one
+/// table. BPF_F_NO_COMMON_LRU keeps an LRU list per CPU, so inserts do not contend on one
+/// lock. Reached through [`conn_ptr`], [`conn_get`] and [`conn_insert`].
 #[map(name = "LB_CONNS")]
-pub static CONNS: LruHashMap<FlowKey, Conn> =
+pub static CONNS6: LruHashMap<FlowKey, Conn> =
+    LruHashMap::with_max_entries(DEFAULT_CONN6_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Connection table of IPv4 flows, the same otherwise: 16-byte keys make a hit cheaper
+/// (the kernel hashes and compares the whole key) and an entry smaller.
+#[map(name = "LB_CONNS4")]
+pub static CONNS4: LruHashMap<FlowKey4, Conn> =
     LruHashMap::with_max_entries(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// The live table entry of flow `key`, in its family's table.
+#[inline(always)]
+pub fn conn_ptr(key: &FlowKey) -> Option<*mut Conn> {
+    if key.family == FAMILY_V4 {
+        CONNS4.get_ptr_mut(key.v4())
+    } else {
+        CONNS6.get_ptr_mut(key)
+    }
+}
+
+/// A copy of flow `key`'s table entry.
+#[inline(always)]
+pub fn conn_get(key: &FlowKey) -> Option<Conn> {
+    // SAFETY: a live map value; Conn is plain data, copied at once.
+    conn_ptr(key).map(|c| unsafe { *c })
+}
+
+/// Records flow `key` (replacing what its 5-tuple had); a full table evicts its least
+/// recently used entry.
+#[inline(always)]
+pub fn conn_insert(key: &FlowKey, conn: Conn) {
+    let _ = if key.family == FAMILY_V4 {
+        CONNS4.insert(key.v4(), conn, 0)
+    } else {
+        CONNS6.insert(key, conn, 0)
+    };
+}
 
 /// MPTCP tokens learned from handshakes → the backend that owns the connection.
 /// Shared: a join arrives on whatever CPU its new 5-tuple hashes to. LRU-bounded, so a

@@ -15,7 +15,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     balancer::may_log,
-    maps::{BACKENDS, CONNS, OPTION_SCRATCH, TOKENS, count},
+    maps::{BACKENDS, OPTION_SCRATCH, TOKENS, conn_get, count},
     parse::{Packet, ptr_at},
 };
 use core::ptr::{read_unaligned, write_unaligned};
@@ -243,13 +243,12 @@ pub fn refresh(token: u32, backend: u32) {
 /// keeps the entry rather than restart learning.
 #[inline(always)]
 pub fn learned_recently(key: &FlowKey) -> Option<u32> {
-    // SAFETY: Conn and TokenEntry are Copy and read at once.
-    let c = unsafe { CONNS.get(key) }.copied()?;
+    let c = conn_get(key)?;
     let token = c.known_token()?;
     if c.flags & CONN_JOIN != 0 {
         return None;
     }
-    // SAFETY: as above.
+    // SAFETY: TokenEntry is Copy and read at once.
     let e = unsafe { TOKENS.get(token) }.copied()?;
     if e.backend != c.backend || now().saturating_sub(e.learned_ns) >= RELEARN_HOLDOFF_NS {
         return None;

@@ -247,8 +247,12 @@ pub struct BalancerConfig {
     pub hash_seed: u32,
     #[serde(default = "default_ring_size")]
     pub ring_size: u32,
+    /// Capacity of the IPv4 connection table.
     #[serde(default = "default_conn_entries")]
     pub conn_table_size: u32,
+    /// Capacity of the IPv6 connection table.
+    #[serde(default = "default_conn6_entries")]
+    pub conn6_table_size: u32,
     #[serde(default = "default_token_entries")]
     pub token_table_size: u32,
     /// Outer source of tunnels to IPv4 backends.
@@ -310,6 +314,9 @@ fn default_ring_size() -> u32 {
 }
 fn default_conn_entries() -> u32 {
     lb_common::maps::DEFAULT_CONN_ENTRIES
+}
+fn default_conn6_entries() -> u32 {
+    lb_common::maps::DEFAULT_CONN6_ENTRIES
 }
 fn default_token_entries() -> u32 {
     lb_common::maps::DEFAULT_TOKEN_ENTRIES
@@ -453,6 +460,12 @@ impl Config {
             return Err(bad(
                 "balancer.conn_table_size".into(),
                 format!("{} is too small (at least 1024)", b.conn_table_size),
+            ));
+        }
+        if b.conn6_table_size < 1024 {
+            return Err(bad(
+                "balancer.conn6_table_size".into(),
+                format!("{} is too small (at least 1024)", b.conn6_table_size),
             ));
         }
         if b.token_table_size < 1024 {

@@ -185,6 +185,9 @@ pub fn dataplane_config(cfg: &FileConfig) -> Config {
         token_idle_ns: b.token_idle_secs.saturating_mul(1_000_000_000),
         max_conn_rate: b.max_conn_rate,
         max_learn_rate: b.max_learn_rate,
+        // Set by `Dataplane::set_config`, which knows which VIP table is live.
+        vip_table: 0,
+        _pad: 0,
     }
 }
 
@@ -281,6 +284,10 @@ impl Controller {
             (
                 "balancer.conn_table_size",
                 a.conn_table_size != b.conn_table_size,
+            ),
+            (
+                "balancer.conn6_table_size",
+                a.conn6_table_size != b.conn6_table_size,
             ),
             (
                 "balancer.token_table_size",
@@ -480,6 +487,8 @@ impl Controller {
             let written = self.write_ring(sid)?;
             summary.slots_written += written;
         }
+        // One switch of the dataplane's VIP table for all of them.
+        self.dp.begin_vip_batch();
         for (vip, info) in &want_vips {
             if self.vips.get(vip) != Some(info) {
                 self.dp.set_vip(vip.addr, vip.port, vip.proto, *info)?;
@@ -498,6 +507,7 @@ impl Controller {
             self.vips.remove(&vip);
             summary.vips_removed += 1;
         }
+        self.dp.end_vip_batch()?;
 
         // Backends that left: out of every ring already (their services were rebuilt
         // above); now the connections to them re-pick and their tokens go.

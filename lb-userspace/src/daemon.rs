@@ -126,6 +126,7 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let sizes = Sizes {
         ring_size: b.ring_size,
         conn_entries: b.conn_table_size,
+        conn6_entries: b.conn6_table_size,
         token_entries: b.token_table_size,
     };
     let (mut dp, adopted) = Dataplane::load_pinned(sizes, &b.pin_path)?;

@@ -23,7 +23,10 @@ use crate::{loader, maglev, pins};
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
     pub ring_size: u32,
+    /// Capacity of the IPv4 connection table.
     pub conn_entries: u32,
+    /// Capacity of the IPv6 connection table.
+    pub conn6_entries: u32,
     pub token_entries: u32,
 }
 
@@ -32,6 +35,7 @@ impl Default for Sizes {
         Self {
             ring_size: DEFAULT_RING_SIZE,
             conn_entries: DEFAULT_CONN_ENTRIES,
+            conn6_entries: DEFAULT_CONN6_ENTRIES,
             token_entries: DEFAULT_TOKEN_ENTRIES,
         }
     }
@@ -42,9 +46,11 @@ impl Default for Sizes {
 pub struct Maps {
     pub config: Array<MapData, Config>,
     pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub vip_tables: Array<MapData, VipSlot>,
+    pub vip_buckets: Array<MapData, u32>,
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
-    pub conns: HashMap<MapData, FlowKey, Conn>,
+    pub conns: ConnTables,
     pub tokens: HashMap<MapData, u32, TokenEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, Traffic>,
@@ -90,9 +96,14 @@ impl Maps {
         Ok(Self {
             config: typed(g, MAP_CONFIG)?,
             vips: typed(g, MAP_VIPS)?,
+            vip_tables: typed(g, MAP_VIP_SLOTS)?,
+            vip_buckets: typed(g, MAP_VIP_BUCKETS)?,
             backends: typed(g, MAP_BACKENDS)?,
             maglev: typed(g, MAP_MAGLEV)?,
-            conns: typed(g, MAP_CONNS)?,
+            conns: ConnTables {
+                v4: typed(g, MAP_CONNS4)?,
+                v6: typed(g, MAP_CONNS)?,
+            },
             tokens: typed(g, MAP_TOKENS)?,
             stats: typed(g, MAP_STATS)?,
             service_stats: typed(g, MAP_SERVICE_STATS)?,
@@ -110,11 +121,131 @@ pub fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> usize 
     map.keys().filter(Result::is_ok).count()
 }
 
+/// The two connection tables, IPv4 (16-byte keys) and IPv6, read as one.
+pub struct ConnTables {
+    pub v4: HashMap<MapData, FlowKey4, Conn>,
+    pub v6: HashMap<MapData, FlowKey, Conn>,
+}
+
+impl ConnTables {
+    /// Flow `key`'s entry, from its family's table.
+    pub fn get(&self, key: &FlowKey) -> Option<Conn> {
+        if key.family == FAMILY_V4 {
+            self.v4.get(&key.v4(), 0).ok()
+        } else {
+            self.v6.get(key, 0).ok()
+        }
+    }
+
+    /// Removes flow `key`'s entry.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), aya::maps::MapError> {
+        if key.family == FAMILY_V4 {
+            self.v4.remove(&key.v4())
+        } else {
+            self.v6.remove(key)
+        }
+    }
+
+    /// Every entry, IPv4 first; IPv4 keys come back as [`FlowKey`]s.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(FlowKey, Conn), aya::maps::MapError>> + '_ {
+        self.v4
+            .iter()
+            .map(|r| r.map(|(k, c)| (FlowKey::from(k), c)))
+            .chain(self.v6.iter())
+    }
+
+    /// Entries in both tables (a walk over their keys).
+    pub fn len(&self) -> usize {
+        entries(&self.v4) + entries(&self.v6)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub fn total(per_cpu: &PerCpuValues<Traffic>) -> Traffic {
     per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
         packets: a.packets + t.packets,
         bytes: a.bytes + t.bytes,
     })
+}
+
+/// One of the dataplane's two VIP tables, as it is written to LB_VIP_SLOTS and
+/// LB_VIP_BUCKETS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipTable {
+    pub slots: Vec<VipSlot>,
+    /// Per bucket, what its VIPs' base slots are shifted by.
+    pub buckets: Vec<u32>,
+}
+
+impl VipTable {
+    pub fn empty() -> Self {
+        Self {
+            slots: vec![VipSlot::default(); VIP_SLOTS as usize],
+            buckets: vec![0; VIP_BUCKETS as usize],
+        }
+    }
+
+    /// The table holding `entries` (hash and displace): buckets with the most VIPs first,
+    /// each gets the smallest shift that puts all its VIPs on free slots.
+    pub fn build(entries: &[(VipKey, VipInfo)]) -> anyhow::Result<Self> {
+        let mut t = Self::empty();
+        let mut by_bucket: std::collections::BTreeMap<u32, Vec<(VipKey, VipInfo, u32)>> =
+            Default::default();
+        for (key, info) in entries {
+            let (bucket, base) = vip_hash(key);
+            by_bucket
+                .entry(bucket)
+                .or_default()
+                .push((*key, *info, base));
+        }
+        let mut buckets: Vec<_> = by_bucket.into_iter().collect();
+        buckets.sort_by_key(|(b, members)| (std::cmp::Reverse(members.len()), *b));
+        for (bucket, members) in buckets {
+            let slot =
+                |base: u32, shift: u32| (base.wrapping_add(shift) & (VIP_SLOTS - 1)) as usize;
+            let shift = (0..VIP_SLOTS).find(|&shift| {
+                let mut seen = std::collections::HashSet::new();
+                members.iter().all(|(_, _, base)| {
+                    let s = slot(*base, shift);
+                    t.slots[s].key.family == 0 && seen.insert(s)
+                })
+            });
+            let Some(shift) = shift else {
+                bail!(
+                    "no room in the VIP table for bucket {bucket} ({} VIPs)",
+                    members.len()
+                );
+            };
+            t.buckets[bucket as usize] = shift;
+            for (key, info, base) in members {
+                t.slots[slot(base, shift)] = VipSlot { key, info };
+            }
+        }
+        Ok(t)
+    }
+
+    /// What the dataplane finds for `key` in this table (as `vip_lookup` does).
+    pub fn lookup(&self, key: &VipKey) -> Option<VipInfo> {
+        let (bucket, base) = vip_hash(key);
+        let shift = self.buckets[bucket as usize];
+        let s = self.slots[(base.wrapping_add(shift) & (VIP_SLOTS - 1)) as usize];
+        (s.key == *key && s.key.family != 0).then_some(s.info)
+    }
+}
+
+/// Waits for an RCU grace period (membarrier MEMBARRIER_CMD_GLOBAL): every BPF program
+/// running when it was called has returned.
+fn synchronize_rcu() -> anyhow::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("membarrier(MEMBARRIER_CMD_GLOBAL)");
+    }
+    Ok(())
 }
 
 /// An address as the dataplane stores it: network byte order, IPv4 in word 0.
@@ -150,6 +281,12 @@ pub struct Dataplane {
     pub pin_root: Option<std::path::PathBuf>,
     /// What the rings hold now, per service: only changed slots are rewritten.
     rings: std::collections::HashMap<u32, Vec<u32>>,
+    /// What the two VIP tables hold (only changed slots are rewritten), and which one
+    /// the dataplane reads (`Config::vip_table`).
+    vip_tables: [VipTable; 2],
+    vip_live: u32,
+    /// While set, VIP changes wait for [`Dataplane::end_vip_batch`] to reach the dataplane.
+    vip_batch: bool,
 }
 
 impl Dataplane {
@@ -178,7 +315,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_MAGLEV, MAX_SERVICES * sizes.ring_size)
-            .map_max_entries(MAP_CONNS, sizes.conn_entries)
+            .map_max_entries(MAP_CONNS4, sizes.conn_entries)
+            .map_max_entries(MAP_CONNS, sizes.conn6_entries)
             .map_max_entries(MAP_TOKENS, sizes.token_entries);
         if let Some(root) = root {
             let dir = pins::layout_dir(root);
@@ -196,13 +334,92 @@ impl Dataplane {
         prog.load()
             .context("the verifier refused the balancer program")?;
         let maps = Maps::take_from(&mut ebpf)?;
+        // Adopted pins: the tables as the previous process left them.
+        let vip_live = maps.config.get(&0, 0).map_or(0, |c| c.vip_table & 1);
+        let read = |half: u32| -> anyhow::Result<VipTable> {
+            Ok(VipTable {
+                slots: (0..VIP_SLOTS)
+                    .map(|i| maps.vip_tables.get(&(half * VIP_SLOTS + i), 0))
+                    .collect::<Result<_, _>>()
+                    .context("reading LB_VIP_SLOTS")?,
+                buckets: (0..VIP_BUCKETS)
+                    .map(|i| maps.vip_buckets.get(&(half * VIP_BUCKETS + i), 0))
+                    .collect::<Result<_, _>>()
+                    .context("reading LB_VIP_BUCKETS")?,
+            })
+        };
+        let vip_tables = if root.is_some() {
+            [read(0)?, read(1)?]
+        } else {
+            [VipTable::empty(), VipTable::empty()]
+        };
         Ok(Self {
             ebpf,
             maps,
             sizes,
             pin_root: root.map(Into::into),
             rings: Default::default(),
+            vip_tables,
+            vip_live,
+            vip_batch: false,
         })
+    }
+
+    /// Holds VIP changes back from the dataplane until [`Dataplane::end_vip_batch`]: a
+    /// reload changing many VIPs switches tables once.
+    pub fn begin_vip_batch(&mut self) {
+        self.vip_batch = true;
+    }
+
+    /// Publishes the VIP changes made since [`Dataplane::begin_vip_batch`].
+    pub fn end_vip_batch(&mut self) -> anyhow::Result<()> {
+        self.vip_batch = false;
+        self.publish_vips()
+    }
+
+    /// Makes the dataplane see what LB_VIPS holds: builds the table that is not live,
+    /// writing only the slots that differ from what it holds, switches the dataplane to
+    /// it (`Config::vip_table`), then waits until no program can still be reading the
+    /// other one, so that the next change may rewrite it. No packet ever sees a table
+    /// half written.
+    pub fn publish_vips(&mut self) -> anyhow::Result<()> {
+        if self.vip_batch {
+            return Ok(());
+        }
+        let entries: Vec<(VipKey, VipInfo)> = self
+            .maps
+            .vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading LB_VIPS")?;
+        let table = VipTable::build(&entries)?;
+        let next = self.vip_live ^ 1;
+        let old = &mut self.vip_tables[next as usize];
+        for (i, slot) in table.slots.iter().enumerate() {
+            if old.slots[i] != *slot {
+                self.maps
+                    .vip_tables
+                    .set(next * VIP_SLOTS + i as u32, *slot, 0)
+                    .context("writing LB_VIP_SLOTS")?;
+                old.slots[i] = *slot;
+            }
+        }
+        for (i, shift) in table.buckets.iter().enumerate() {
+            if old.buckets[i] != *shift {
+                self.maps
+                    .vip_buckets
+                    .set(next * VIP_BUCKETS + i as u32, *shift, 0)
+                    .context("writing LB_VIP_BUCKETS")?;
+                old.buckets[i] = *shift;
+            }
+        }
+        let mut cfg = self.maps.config.get(&0, 0).context("reading LB_CONFIG")?;
+        self.vip_live = next;
+        cfg.vip_table = next;
+        self.set_config(cfg)?;
+        // Programs run inside RCU read-side sections: after a grace period, none that
+        // read the old `vip_table` is still running.
+        synchronize_rcu()
     }
 
     pub fn program(&mut self) -> &mut Xdp {
@@ -257,6 +474,7 @@ impl Dataplane {
 
     pub fn set_config(&mut self, mut cfg: Config) -> anyhow::Result<()> {
         cfg.ring_size = self.sizes.ring_size;
+        cfg.vip_table = self.vip_live;
         self.maps.config.set(0, cfg, 0).context("writing LB_CONFIG")
     }
 
@@ -295,7 +513,7 @@ impl Dataplane {
         // returned, so the id is not handed out half-cleaned.
         let mut flows = std::collections::HashSet::new();
         for entry in self.maps.conns.iter() {
-            let (k, c) = entry.context("walking LB_CONNS")?;
+            let (k, c) = entry.context("walking the connection tables")?;
             if ids.contains(&c.backend) {
                 flows.insert(k);
             }
@@ -369,7 +587,8 @@ impl Dataplane {
         self.maps
             .vips
             .insert(marker, marker_info, 0)
-            .context("writing LB_VIPS address marker")
+            .context("writing LB_VIPS address marker")?;
+        self.publish_vips()
     }
 
     /// Rebuilds `service`'s Maglev ring from `members` and writes the slots that changed.
@@ -434,9 +653,9 @@ impl Dataplane {
         Ok(total(&per_cpu))
     }
 
-    /// Entries in the connection table (a walk over its keys).
+    /// Entries in the connection tables (a walk over their keys).
     pub fn conn_entries(&self) -> usize {
-        entries(&self.maps.conns)
+        self.maps.conns.len()
     }
 
     /// Learned tokens (a walk over the token table's keys).
@@ -479,5 +698,79 @@ pub fn attach_xdp(
                 Ok((XdpMode::Skb, id))
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32, port: u16, v6: bool) -> VipKey {
+        let addr = if v6 {
+            [0x2001_0db8u32.to_be(), 0, 0, (i + 1).to_be()]
+        } else {
+            [(0x0a64_0000u32 + i).to_be(), 0, 0, 0]
+        };
+        VipKey {
+            addr,
+            port: port.to_be(),
+            proto: 6,
+            family: if v6 { FAMILY_V6 } else { FAMILY_V4 },
+        }
+    }
+
+    /// The most a configuration may hold (MAX_VIPS VIPs, each with its address marker)
+    /// fits, every entry is found where the dataplane looks, and nothing else is.
+    #[test]
+    fn a_full_vip_table_finds_every_vip_and_nothing_else() {
+        let mut entries = Vec::new();
+        for i in 0..MAX_VIPS {
+            let v6 = i % 2 == 1;
+            let info = VipInfo {
+                service: i % MAX_SERVICES,
+                flags: i,
+            };
+            entries.push((key(i, 443, v6), info));
+            entries.push((key(i, 0, v6), VipInfo { flags: 0, ..info }));
+        }
+        let t = VipTable::build(&entries).expect("a full configuration fits");
+        for (k, info) in &entries {
+            assert_eq!(t.lookup(k), Some(*info), "{k:?}");
+        }
+        for i in 0..MAX_VIPS {
+            for (port, v6) in [(80, i % 2 == 1), (443, i % 2 == 0)] {
+                assert_eq!(t.lookup(&key(i, port, v6)), None);
+            }
+        }
+        assert_eq!(
+            t.lookup(&VipKey::default()),
+            None,
+            "an empty slot is no VIP"
+        );
+    }
+
+    /// The same entries in another order give a table that answers the same.
+    #[test]
+    fn a_vip_table_answers_the_same_whatever_the_order() {
+        let entries: Vec<(VipKey, VipInfo)> = (0..300)
+            .map(|i| {
+                (
+                    key(i, 80, false),
+                    VipInfo {
+                        service: 1,
+                        flags: i,
+                    },
+                )
+            })
+            .collect();
+        let mut reversed = entries.clone();
+        reversed.reverse();
+        let (a, b) = (
+            VipTable::build(&entries).expect("fits"),
+            VipTable::build(&reversed).expect("fits"),
+        );
+        for (k, info) in &entries {
+            assert_eq!((a.lookup(k), b.lookup(k)), (Some(*info), Some(*info)));
+        }
     }
 }

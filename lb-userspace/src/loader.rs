@@ -32,11 +32,12 @@ pub fn open() -> anyhow::Result<Ebpf> {
 /// The object for a backend's programs (decapsulation, token reports): the balancer's
 /// big maps are not used there and are created with one entry.
 pub fn open_for_backend() -> anyhow::Result<Ebpf> {
-    use lb_common::maps::{MAP_CONNS, MAP_MAGLEV, MAP_TOKENS};
+    use lb_common::maps::{MAP_CONNS, MAP_CONNS4, MAP_MAGLEV, MAP_TOKENS};
     raise_memlock_limit();
     aya::EbpfLoader::new()
         .map_max_entries(MAP_MAGLEV, 1)
         .map_max_entries(MAP_CONNS, 1)
+        .map_max_entries(MAP_CONNS4, 1)
         .map_max_entries(MAP_TOKENS, 1)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use lb_common::maps::{Conn, FlowKey, MAP_CONNS, MAP_TOKENS, TokenEntry};
+use lb_common::maps::{MAP_CONNS, MAP_CONNS4, MAP_TOKENS, TokenEntry};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -37,7 +37,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// Sizes of the two big tables, counted through handles of their own so that a scrape
 /// walks them without holding the controller (health changes and reloads go on).
 pub struct TableCounter {
-    conns: HashMap<MapData, FlowKey, Conn>,
+    conns: crate::dataplane::ConnTables,
     tokens: HashMap<MapData, u32, TokenEntry>,
 }
 
@@ -52,17 +52,17 @@ impl TableCounter {
             Ok(aya::maps::Map::from_map_data(data)?)
         };
         Ok(Self {
-            conns: HashMap::try_from(open(MAP_CONNS)?)?,
+            conns: crate::dataplane::ConnTables {
+                v4: HashMap::try_from(open(MAP_CONNS4)?)?,
+                v6: HashMap::try_from(open(MAP_CONNS)?)?,
+            },
             tokens: HashMap::try_from(open(MAP_TOKENS)?)?,
         })
     }
 
     /// (connection entries, token entries), each a walk over the table's keys.
     pub fn count(&self) -> (usize, usize) {
-        (
-            crate::dataplane::entries(&self.conns),
-            crate::dataplane::entries(&self.tokens),
-        )
+        (self.conns.len(), crate::dataplane::entries(&self.tokens))
     }
 }
 
@@ -147,14 +147,14 @@ pub fn render(
     conns.set(tables.0 as i64);
     reg.register(
         "conn_table_entries",
-        "Entries in the connection table",
+        "Entries in the connection tables, IPv4 and IPv6",
         conns,
     );
     let conns_cap: Gauge = Gauge::default();
-    conns_cap.set(i64::from(ctl.dp.sizes.conn_entries));
+    conns_cap.set(i64::from(ctl.dp.sizes.conn_entries) + i64::from(ctl.dp.sizes.conn6_entries));
     reg.register(
         "conn_table_capacity",
-        "Capacity of the connection table (LRU)",
+        "Capacity of the connection tables, IPv4 and IPv6 (LRU)",
         conns_cap,
     );
     let tokens: Gauge = Gauge::default();

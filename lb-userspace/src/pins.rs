@@ -71,6 +71,14 @@ pub fn specs(sizes: &Sizes) -> Vec<MapSpec> {
             MAX_VIPS,
         ),
         spec(
+            MAP_VIP_SLOTS,
+            MapType::Array,
+            4,
+            size::<VipSlot>(),
+            2 * VIP_SLOTS,
+        ),
+        spec(MAP_VIP_BUCKETS, MapType::Array, 4, 4, 2 * VIP_BUCKETS),
+        spec(
             MAP_BACKENDS,
             MapType::Array,
             4,
@@ -85,11 +93,18 @@ pub fn specs(sizes: &Sizes) -> Vec<MapSpec> {
             MAX_SERVICES * sizes.ring_size,
         ),
         spec(
+            MAP_CONNS4,
+            MapType::LruHash,
+            size::<FlowKey4>(),
+            size::<Conn>(),
+            sizes.conn_entries,
+        ),
+        spec(
             MAP_CONNS,
             MapType::LruHash,
             size::<FlowKey>(),
             size::<Conn>(),
-            sizes.conn_entries,
+            sizes.conn6_entries,
         ),
         spec(
             MAP_TOKENS,

@@ -32,6 +32,7 @@ pub const RING: u32 = 1009;
 pub const TEST_SIZES: Sizes = Sizes {
     ring_size: RING,
     conn_entries: 4096,
+    conn6_entries: 4096,
     token_entries: 4096,
 };
 

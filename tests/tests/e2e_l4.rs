@@ -44,6 +44,7 @@ fn l4_balancing_with_direct_server_return() {
         Sizes {
             ring_size: 65537,
             conn_entries: 1 << 16,
+            conn6_entries: 1 << 16,
             token_entries: 1 << 16,
         },
         0,
@@ -138,6 +139,7 @@ fn a_next_hop_without_a_neighbour_entry_is_resolved_by_the_kernel() {
         Sizes {
             ring_size: 65537,
             conn_entries: 1 << 12,
+            conn6_entries: 1 << 12,
             token_entries: 1 << 12,
         },
         0,

@@ -60,6 +60,7 @@ fn every_subflow_reaches_its_connections_backend() {
         Sizes {
             ring_size: 65537,
             conn_entries: 1 << 16,
+            conn6_entries: 1 << 16,
             token_entries: 1 << 16,
         },
         0,

@@ -79,7 +79,7 @@ fn check_state_after_table(dp: &Dataplane) {
     let conn = dp
         .maps
         .conns
-        .get(&key4(CLIENT4, vip4(1), 40001, 80, 6), 0)
+        .get(&key4(CLIENT4, vip4(1), 40001, 80, 6))
         .expect("the SYN's flow is in the connection table");
     assert_eq!(conn.backend, 1);
     let traffic = dp.backend_traffic(1).expect("backend stats");
@@ -433,7 +433,7 @@ fn removed_backend_connections_are_replaced() {
         let first = dp
             .maps
             .conns
-            .get(&key4(CLIENT4, vip4(6), 50001, 80, 6), 0)
+            .get(&key4(CLIENT4, vip4(6), 50001, 80, 6))
             .expect("conn")
             .backend;
         // Take the flow's backend out of service: the next packet re-picks among the rest.
@@ -449,7 +449,7 @@ fn removed_backend_connections_are_replaced() {
         let now = dp
             .maps
             .conns
-            .get(&key4(CLIENT4, vip4(6), 50001, 80, 6), 0)
+            .get(&key4(CLIENT4, vip4(6), 50001, 80, 6))
             .expect("conn")
             .backend;
         assert_ne!(now, first, "a connection to a removed backend moves");
@@ -511,7 +511,7 @@ fn flood_guard_limits_every_new_flow_but_token_joins() {
         pin_to_cpu0();
         let ifindex = link.ifindex;
         let recorded = |dp: &Dataplane, src: [u8; 4], sport: u16| {
-            dp.maps.conns.get(&key4(src, vip4(6), sport, 80, 6), 0).ok()
+            dp.maps.conns.get(&key4(src, vip4(6), sport, 80, 6))
         };
         // A connection that learned its token before the flood.
         let server_key = 0x0f0f_0000_0000_0001u64;
@@ -693,7 +693,7 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
         let owner_a = dp
             .maps
             .conns
-            .get(&key4(CLIENT4, vip4(6), 41100, 80, 6), 0)
+            .get(&key4(CLIENT4, vip4(6), 41100, 80, 6))
             .expect("flow A")
             .backend;
         // Both fall silent for longer than the idle time (the default hour): their last
@@ -723,7 +723,7 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
         let join =
             |token: u32, port: u16| tcp4(other, vip4(6), port, 80, SYN, &mp_join_syn(token), &[]);
         assert_eq!(run(&mut dp, &join(token_a, 45100)), XDP_TX);
-        let joined = dp.maps.conns.get(&key4(other, vip4(6), 45100, 80, 6), 0);
+        let joined = dp.maps.conns.get(&key4(other, vip4(6), 45100, 80, 6));
         assert_eq!(joined.expect("A's join recorded").backend, owner_a);
         assert_eq!(
             run(&mut dp, &join(token_b, 45101)),
@@ -1044,13 +1044,13 @@ fn mptcp_fixtures() {
         let conn_a = dp
             .maps
             .conns
-            .get(&key4(CLIENT4, vip4(6), 41000, 80, 6), 0)
+            .get(&key4(CLIENT4, vip4(6), 41000, 80, 6))
             .expect("conn A");
         assert_eq!(conn_a.token, token_a, "the flow entry carries its token");
         let join_conn = dp
             .maps
             .conns
-            .get(&key4(other, vip4(6), join_port, 80, 6), 0)
+            .get(&key4(other, vip4(6), join_port, 80, 6))
             .expect("join flow recorded");
         assert_eq!((join_conn.backend, join_conn.token), (owner, token_a));
 

@@ -196,6 +196,7 @@ fn live_connections_keep_their_subflows_through_floods() {
         Sizes {
             ring_size: 65537,
             conn_entries: CONNS,
+            conn6_entries: CONNS,
             token_entries: TOKENS,
         },
         0,

@@ -24,7 +24,7 @@ fn owner_of(ring: &[u32], port: u16) -> u32 {
 fn recorded_backend(dp: &Dataplane, src: [u8; 4], port: u16) -> u32 {
     dp.maps
         .conns
-        .get(&key4(src, vip4(6), port, 80, 6), 0)
+        .get(&key4(src, vip4(6), port, 80, 6))
         .expect("the flow is recorded")
         .backend
 }
@@ -274,7 +274,7 @@ fn version_0_keys_must_echo_the_client_key_of_the_syn() {
         let conn = dp
             .maps
             .conns
-            .get(&key4(CLIENT4, vip4(6), port, 80, 6), 0)
+            .get(&key4(CLIENT4, vip4(6), port, 80, 6))
             .expect("the flow's entry");
         assert_eq!(conn.known_token(), Some(sha1_token(real)));
     });

@@ -24,6 +24,7 @@ fn sizes(conn_entries: u32) -> Sizes {
     Sizes {
         ring_size: RING,
         conn_entries,
+        conn6_entries: conn_entries,
         token_entries: 4096,
     }
 }
@@ -76,7 +77,7 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
         let conn = dp
             .maps
             .conns
-            .get(&key, 0)
+            .get(&key)
             .expect("the connection table survived the restart");
         assert_eq!(conn.backend, 1);
         assert_eq!(
