@@ -10,7 +10,7 @@
 //! own cost is measured per class as `bench_reset` with that class's frame (restore,
 //! variation, relearn reset, then XDP_PASS): the class's floor. A bare XDP_PASS program
 //! gives the absolute floor. The time is the kernel's (per iteration, averaged over
-//! `REPEAT`); the table shows the median over the calls (`BENCH_CALLS`, default 30),
+//! `BENCH_REPEAT`, default 1,000); the table shows the median over the calls (`BENCH_CALLS`, default 30),
 //! and the verdict of every call is checked. The calls are interleaved (one call of every
 //! class per round), so the machine's drift during a run moves all rows alike.
 
@@ -39,8 +39,14 @@ fn calls() -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30)
 }
-/// 32k new flows per class at most: the table (1M) never has to evict.
-const REPEAT: u32 = 1_000;
+/// Iterations per call (`BENCH_REPEAT`, default 1,000). At the defaults a class makes
+/// 32k new flows at most: the table (1M) never has to evict.
+fn repeat() -> u32 {
+    std::env::var("BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+}
 /// Offsets in an untagged IPv4 frame: source address; low half of the server key in a
 /// third ACK built by `mp_capable_keys` (options at 54: NOP NOP 30 20 ver flags ckey skey).
 const IPV4_SRC: u32 = 26;
@@ -66,6 +72,8 @@ struct Row {
     ns: Vec<f64>,
     /// The wrapper alone with this class's frame (restore, vary, relearn reset).
     floor: Option<Vec<f64>>,
+    /// Per round, in order: the call's time minus its floor's (taken just before it).
+    net_by_round: Vec<f64>,
     katran: Option<u32>,
 }
 
@@ -88,7 +96,7 @@ fn class(
     }
 }
 
-/// Per-iteration nanoseconds of one call of `REPEAT` iterations; the verdict is checked.
+/// Per-iteration nanoseconds of one call of `repeat()` iterations; the verdict is checked.
 fn call(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str) -> f64 {
     let mut md = [0u8; 24];
     md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -98,7 +106,7 @@ fn call(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str) -> f64
         data_in: Some(frame),
         data_out: Some(&mut out),
         ctx_in: Some(&md),
-        repeat: REPEAT,
+        repeat: repeat(),
         ..Default::default()
     };
     let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
@@ -147,12 +155,15 @@ fn main() {
             .expect("xdp");
         pass.load().expect("load xdp_pass");
 
+        // Both connection tables (IPv4, IPv6) get the same size, 1M unless told otherwise.
+        let conn_entries = std::env::var("BENCH_CONN_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(lb_common::maps::DEFAULT_CONN_ENTRIES);
         let mut dp = Dataplane::load(Sizes {
             ring_size: RING,
-            conn_entries: std::env::var("BENCH_CONN_ENTRIES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(lb_common::maps::DEFAULT_CONN_ENTRIES),
+            conn_entries,
+            conn6_entries: conn_entries,
             ..Default::default()
         })
         .expect("load balancer");
@@ -460,9 +471,44 @@ fn main() {
             .iter()
             .filter(|c| c.name.contains(only.as_str()))
             .collect();
+        // `BENCH_FRAMES_OUT=dir` writes every selected class's frame and how it is varied,
+        // so another program can be measured with the very same frames (the closing notes'
+        // side-by-side runs against Katran use it; see README "Performance").
+        if let Ok(dir) = std::env::var("BENCH_FRAMES_OUT") {
+            dump_frames(std::path::Path::new(&dir), &reset_class, &selected);
+        }
+        // `BENCH_PIN=dir` (on a bpffs): pins the wrapper, its floor and LB_BENCH there with
+        // the flow state above in place, writes `dir`'s `ifindex`, then waits for its
+        // standard input to close, the namespace kept alive: another program running in
+        // it (nsenter --net=/run/netns/mlb-bench) can then call the very same programs
+        // call by call beside its own (the side-by-side runs against Katran do).
+        if let Ok(dir) = std::env::var("BENCH_PIN") {
+            let dir = std::path::Path::new(&dir);
+            std::fs::create_dir_all(dir).expect("pin directory");
+            for name in [loader::PROG_BENCH_BALANCER, loader::PROG_BENCH_RESET] {
+                let p: &mut Xdp = dp
+                    .ebpf
+                    .program_mut(name)
+                    .expect("bench program")
+                    .try_into()
+                    .expect("xdp");
+                p.pin(dir.join(name)).expect("pin program");
+            }
+            dp.ebpf
+                .map(MAP_BENCH)
+                .expect("bench map")
+                .pin(dir.join(MAP_BENCH))
+                .expect("pin map");
+            std::fs::write(dir.join("ifindex"), ifindex.to_string()).expect("ifindex");
+            println!("pinned in {}; close standard input to end", dir.display());
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            let _ = std::fs::remove_dir_all(dir);
+            // The namespaces go with the next run (`Netns::new` removes a leftover).
+            std::process::exit(0);
+        }
         // Each class gets its own range of the varied field, so a "new flow" class never
         // meets entries another class left in the table.
-        let span = (calls() as u32 + 2) * REPEAT;
+        let span = (calls() as u32 + 2) * repeat();
         let set = |dp: &mut Dataplane, c: &Class, seq: u32| {
             let mut cfg = dp.maps.config.get(&0, 0).expect("config");
             cfg.max_conn_rate = c.max_conn_rate;
@@ -507,13 +553,13 @@ fn main() {
             if warm {
                 bare.push(t);
             }
-            let frame = set(&mut dp, &reset_class, round * REPEAT);
+            let frame = set(&mut dp, &reset_class, round * repeat());
             let t = floor(&dp, &frame, reset_class.name);
             if warm {
                 restore.push(t);
             }
             for (i, c) in selected.iter().enumerate() {
-                let seq = (i as u32 + 1) * span + round * REPEAT;
+                let seq = (i as u32 + 1) * span + round * repeat();
                 // The wrapper's own work for this class: restore its frame, vary it, reset
                 // its flow for relearning, then XDP_PASS. It records nothing, so the
                 // balancer's call then reuses the same range of the varied field.
@@ -542,18 +588,21 @@ fn main() {
                 name: "bare XDP_PASS program (absolute floor)",
                 ns: sorted(bare),
                 floor: None,
+                net_by_round: Vec::new(),
                 katran: Some(15),
             },
             Row {
                 name: reset_class.name,
                 ns: sorted(restore),
                 floor: None,
+                net_by_round: Vec::new(),
                 katran: None,
             },
         ];
         for ((c, t), f) in selected.iter().zip(ns).zip(floors) {
             rows.push(Row {
                 name: c.name,
+                net_by_round: t.iter().zip(&f).map(|(t, f)| t - f).collect(),
                 ns: sorted(t),
                 floor: Some(sorted(f)),
                 katran: c.katran,
@@ -564,9 +613,10 @@ fn main() {
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "mptcp-lb dataplane: kernel {}, BPF_PROG_TEST_RUN through a resetting wrapper, {} interleaved calls x {REPEAT} iterations per class",
+        "mptcp-lb dataplane: kernel {}, BPF_PROG_TEST_RUN through a resetting wrapper, {} interleaved calls x {} iterations per class",
         kernel.trim(),
-        calls()
+        calls(),
+        repeat()
     );
     println!(
         "{:<46} {:>8} {:>8} {:>8} {:>8} {:>8}",
@@ -606,8 +656,37 @@ fn main() {
             join / linux
         );
     }
-    if let Some(learn) = find("ACK that learns") {
-        println!("ACK that learns a token: {learn:.0}ns; target under 1000ns");
+    // Net times of two classes as a ratio paired by round (their calls ran within
+    // milliseconds of each other), the median over the rounds: a fast or slow spell of
+    // the VM then moves both sides of each ratio alike.
+    let paired = |a: &str, b: &str| -> Option<f64> {
+        let by_round = |p: &str| {
+            rows.iter()
+                .find(|r| r.name.starts_with(p))
+                .map(|r| &r.net_by_round)
+        };
+        let (ra, rb) = (by_round(a)?, by_round(b)?);
+        let mut v: Vec<f64> = ra
+            .iter()
+            .zip(rb)
+            .filter(|(_, y)| **y > 0.0)
+            .map(|(x, y)| x / y)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    if let Some(r) = paired("ACK that learns", "TCP SYN, new flow") {
+        println!(
+            "ACK that learns a token: {r:.2}x a TCP SYN (new flow), net, paired by round; goal at most 2.0x"
+        );
+    }
+    if let Some(r) = paired(
+        "ACK with keys, steering by port",
+        "established ACK (table hit)",
+    ) {
+        println!(
+            "ACK with keys of a service steering by port: {r:.2}x an established ACK (it learns nothing)"
+        );
     }
     let net = |prefix: &str| {
         rows.iter()
@@ -648,6 +727,7 @@ fn main() {
         );
     }
     maglev_build_times();
+    table_memory(&env.ns);
     println!();
     for line in [
         "median, min: per-iteration time over the calls. floor: the wrapper alone with that class's",
@@ -667,6 +747,79 @@ fn main() {
     ] {
         println!("{line}");
     }
+}
+
+/// One file per class (`NN.bin`, the padded frame) and `classes.tsv`: index, verdict,
+/// offset varied per iteration (0: none), SYN-flood limit, name.
+fn dump_frames(dir: &std::path::Path, reset: &Class, classes: &[&Class]) {
+    std::fs::create_dir_all(dir).expect("frames directory");
+    let mut tsv = String::from("index\tverdict\tvary_off\tmax_conn_rate\tname\n");
+    for (i, c) in std::iter::once(reset)
+        .chain(classes.iter().copied())
+        .enumerate()
+    {
+        std::fs::write(dir.join(format!("{i:02}.bin")), padded(c.frame.clone())).expect("frame");
+        tsv.push_str(&format!(
+            "{i:02}\t{}\t{}\t{}\t{}\n",
+            verdict_name(c.verdict),
+            c.vary_off,
+            c.max_conn_rate,
+            c.name
+        ));
+    }
+    std::fs::write(dir.join("classes.tsv"), tsv).expect("classes.tsv");
+}
+
+/// The kernel memory (memlock, as /proc/PID/fdinfo reports it) of the three big tables
+/// at the sizes of the issue's goal: 8M IPv4 connections and 2M tokens (and the IPv6
+/// connection table at 1M). Loaded with the whole object, as the daemon loads them.
+fn table_memory(ns: &mptcp_lb_tests::netns::Netns) {
+    const V4: u32 = 8 << 20;
+    const V6: u32 = 1 << 20;
+    const TOKENS: u32 = 2 << 20;
+    let sizes = Sizes {
+        ring_size: lb_common::maps::DEFAULT_RING_SIZE,
+        conn_entries: V4,
+        conn6_entries: V6,
+        token_entries: TOKENS,
+    };
+    let mem = ns.within(move || {
+        let dp = Dataplane::load(sizes).expect("load with the goal's sizes");
+        let mut mem = std::collections::HashMap::new();
+        for entry in std::fs::read_dir("/proc/self/fdinfo").expect("fdinfo") {
+            let text =
+                std::fs::read_to_string(entry.expect("fdinfo entry").path()).unwrap_or_default();
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:"))
+                && let Ok(info) = aya::maps::MapInfo::from_id(id as u32)
+                && let Some(name) = info.name_as_str()
+            {
+                mem.insert(name.to_string(), bytes);
+            }
+        }
+        drop(dp);
+        mem
+    });
+    let get = |name: &str| mem.get(name).copied().unwrap_or(0);
+    let (v4, v6, tokens) = (
+        get(lb_common::maps::MAP_CONNS4),
+        get(lb_common::maps::MAP_CONNS),
+        get(lb_common::maps::MAP_TOKENS),
+    );
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "table memory (kernel memlock): IPv4 connections {:.1} B/entry, IPv6 {:.1}, tokens {:.1}; \
+         8M IPv4 connections + 2M tokens = {:.3} GiB (goal within 1 GiB); with 1M IPv6 connections {:.3} GiB",
+        v4 as f64 / f64::from(V4),
+        v6 as f64 / f64::from(V6),
+        tokens as f64 / f64::from(TOKENS),
+        gib(v4 + tokens),
+        gib(v4 + tokens + v6)
+    );
 }
 
 /// How long the controller takes to build one service's Maglev table (ring 65,537) for
