@@ -35,7 +35,8 @@ enum Task {
     /// the privileged tests (kernel loads, packet fixtures, network namespaces).
     Test,
     /// Benchmark the dataplane with BPF_PROG_TEST_RUN: ns/packet per traffic class
-    /// beside the floor (a bare XDP_PASS program) measured in the same run.
+    /// beside the floor (a bare XDP_PASS program) measured in the same run; then goodput
+    /// through the balancer against plain routing on the testbed, and its CPU per gigabit.
     Bench,
     /// Flood the balancer's tables (spoofed MP_CAPABLE SYNs, forged handshakes from one
     /// and from many 5-tuples, spoofed ACKs and UDP, each 10 times the tables' capacity)
@@ -278,6 +279,18 @@ fn main() -> anyhow::Result<()> {
                     "mptcp-lb-tests",
                     "--bin",
                     "bench",
+                ]),
+            )?;
+            run(
+                "end to end: goodput through the balancer against plain routing",
+                cargo().args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "mptcp-lb-tests",
+                    "--bin",
+                    "goodput",
                 ]),
             )
         }
