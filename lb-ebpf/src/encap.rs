@@ -123,41 +123,31 @@ pub fn forward(
             (*hdr)[9] = backend.addr[3];
         }
     } else {
-        let Ok(hdr) = ptr_at::<[u16; 10]>(ctx, ETH_HLEN) else {
+        let Ok(hdr) = ptr_at::<[u32; 5]>(ctx, ETH_HLEN) else {
             return xdp_action::XDP_ABORTED;
         };
         src4 = vary_source(cfg.src4, cfg.src4_vary_bits, hash);
-        // Built in host order and stored big-endian; the checksum covers the words as sent.
-        let (s, d) = (u32::from_be(src4), u32::from_be(backend.addr[0]));
+        // Built in host order as five 32-bit words and stored big-endian; the checksum is
+        // the one's-complement sum of the 16-bit words as sent, which a sum of the 32-bit
+        // words folded twice gives.
         // Don't Fragment: a tunnel packet is never fragmented on the way (the backend's
         // decapsulation could not reassemble it, and one too big for the egress is
         // dropped here), so it is an atomic datagram and ID 0 is allowed (RFC 6864).
-        let mut w: [u16; 10] = [
-            0x4500 | tos as u16,
-            outer_total as u16,
-            0,
-            IPV4_DF,
-            (OUTER_TTL as u16) << 8 | inner_proto as u16,
-            0,
-            (s >> 16) as u16,
-            s as u16,
-            (d >> 16) as u16,
-            d as u16,
-        ];
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 10 {
-            sum += w[i] as u32;
-            i += 1;
-        }
-        w[5] = csum_fold(sum);
+        let (s, d) = (u32::from_be(src4), u32::from_be(backend.addr[0]));
+        let w0 = 0x4500_0000 | (tos as u32) << 16 | (outer_total & 0xffff);
+        let w1 = IPV4_DF as u32;
+        let w2 = (OUTER_TTL as u32) << 24 | (inner_proto as u32) << 16;
+        let sum = w0 as u64 + w1 as u64 + w2 as u64 + s as u64 + d as u64;
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        let csum = csum_fold(((sum as u32) & 0xffff) + ((sum as u32) >> 16));
         // SAFETY: ptr_at checked the 20 bytes are inside the packet.
         unsafe {
-            let mut i = 0;
-            while i < 10 {
-                (*hdr)[i] = w[i].to_be();
-                i += 1;
-            }
+            (*hdr)[0] = w0.to_be();
+            (*hdr)[1] = w1.to_be();
+            (*hdr)[2] = (w2 | csum as u32).to_be();
+            (*hdr)[3] = src4;
+            (*hdr)[4] = backend.addr[0];
         }
     }
 

@@ -478,10 +478,12 @@ fn main() {
             dump_frames(std::path::Path::new(&dir), &reset_class, &selected);
         }
         // `BENCH_PIN=dir` (on a bpffs): pins the wrapper, its floor and LB_BENCH there with
-        // the flow state above in place, writes `dir`'s `ifindex`, then waits for its
-        // standard input to close, the namespace kept alive: another program running in
-        // it (nsenter --net=/run/netns/mlb-bench) can then call the very same programs
-        // call by call beside its own (the side-by-side runs against Katran do).
+        // the flow state above in place, prints the interface index the calls must pass
+        // (also written to `$BENCH_FRAMES_OUT/ifindex`: a bpffs holds no plain files),
+        // then waits for its standard input to close, the namespace kept alive: another
+        // program running in it (nsenter --net=/run/netns/mlb-bench) can then call the
+        // very same programs call by call beside its own (the side-by-side runs against
+        // Katran do).
         if let Ok(dir) = std::env::var("BENCH_PIN") {
             let dir = std::path::Path::new(&dir);
             std::fs::create_dir_all(dir).expect("pin directory");
@@ -499,8 +501,17 @@ fn main() {
                 .expect("bench map")
                 .pin(dir.join(MAP_BENCH))
                 .expect("pin map");
-            std::fs::write(dir.join("ifindex"), ifindex.to_string()).expect("ifindex");
-            println!("pinned in {}; close standard input to end", dir.display());
+            if let Ok(frames) = std::env::var("BENCH_FRAMES_OUT") {
+                std::fs::write(
+                    std::path::Path::new(&frames).join("ifindex"),
+                    ifindex.to_string(),
+                )
+                .expect("ifindex");
+            }
+            println!(
+                "pinned in {} (ifindex {ifindex}); close standard input to end",
+                dir.display()
+            );
             let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
             let _ = std::fs::remove_dir_all(dir);
             // The namespaces go with the next run (`Netns::new` removes a leftover).
