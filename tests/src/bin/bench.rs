@@ -146,7 +146,7 @@ fn main() {
     }
     let env = environment("bench");
     let ifindex = env.ifindex;
-    let rows = env.ns.within(move || {
+    let (rows, verified) = env.ns.within(move || {
         let mut bare = loader::open().expect("object");
         let pass: &mut Xdp = bare
             .program_mut(loader::PROG_PASS)
@@ -182,6 +182,20 @@ fn main() {
                 .expect("xdp");
             p.load().expect("load bench program");
         }
+        // How close the programs are to the verifier's limit: the wrapper inlines the
+        // whole balancer, and a change that doubles its states fails to load.
+        let verified: Vec<(&'static str, u32)> =
+            [loader::PROG_BALANCER, loader::PROG_BENCH_BALANCER]
+                .into_iter()
+                .map(|name| {
+                    let count = bench_program(&dp, name)
+                        .info()
+                        .ok()
+                        .and_then(|i| i.verified_instruction_count())
+                        .unwrap_or(0);
+                    (name, count)
+                })
+                .collect();
 
         // Flow state the hit and learning classes start from.
         let ack = tcp4(
@@ -619,7 +633,7 @@ fn main() {
                 katran: c.katran,
             });
         }
-        rows
+        (rows, verified)
     });
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -628,6 +642,14 @@ fn main() {
         kernel.trim(),
         calls(),
         repeat()
+    );
+    println!(
+        "verifier, instructions processed (limit 1,000,000): {}",
+        verified
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "{:<46} {:>8} {:>8} {:>8} {:>8} {:>8}",
