@@ -269,29 +269,23 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Bench => {
             setup::ensure(false)?;
-            run(
-                "benchmark (release build)",
-                cargo().args([
+            let release_bin = |name: &str| {
+                let mut cmd = cargo();
+                cmd.args([
                     "run",
                     "--quiet",
                     "--release",
                     "-p",
                     "mptcp-lb-tests",
                     "--bin",
-                    "bench",
-                ]),
-            )?;
+                    name,
+                ]);
+                cmd
+            };
+            run("benchmark (release build)", &mut release_bin("bench"))?;
             run(
                 "end to end: goodput through the balancer against plain routing",
-                cargo().args([
-                    "run",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "mptcp-lb-tests",
-                    "--bin",
-                    "goodput",
-                ]),
+                &mut release_bin("goodput"),
             )
         }
         Task::Flood => {
