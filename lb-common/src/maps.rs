@@ -66,8 +66,8 @@ pub const TOKEN_EVENTS_BYTES: u32 = 1 << 19;
 pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_VIPS: u32 = 1024;
-/// Slots of one VIP table: at most 2,048 entries (VIPs and their address markers) fill
-/// an eighth of it.
+/// Slots of one VIP table: its at most [`MAX_VIPS`] entries (VIPs and their address
+/// markers, which `LB_VIPS` holds and the controller counts) fill a sixteenth of it.
 pub const VIP_SLOTS: u32 = 16384;
 /// Buckets (displacements) of one VIP table.
 pub const VIP_BUCKETS: u32 = 4096;
@@ -185,12 +185,22 @@ pub struct VipSlot {
 }
 const _: () = assert!(core::mem::size_of::<VipSlot>() == 28);
 
-/// `key`'s bucket (below [`VIP_BUCKETS`]) and base slot (below [`VIP_SLOTS`]) in a VIP
-/// table; its slot is the base plus its bucket's displacement, modulo [`VIP_SLOTS`]. Not
-/// keyed: the table is built from the configuration, never from traffic, and a lookup
-/// costs the same whatever the key.
+/// `key`'s slot in a VIP table whose bucket of `key` holds displacement `shift`:
+/// `base + d0 * step + d1` modulo [`VIP_SLOTS`], with `d0` the high and `d1` the low half
+/// of `shift`, and `(bucket, base, step)` = [`vip_hash`]`(key)`. Two keys of one bucket
+/// that share their base are parted by `d0` unless they also share their step.
 #[inline(always)]
-pub fn vip_hash(key: &VipKey) -> (u32, u32) {
+pub fn vip_slot(base: u32, step: u32, shift: u32) -> u32 {
+    base.wrapping_add((shift >> 16).wrapping_mul(step))
+        .wrapping_add(shift & 0xffff)
+        & (VIP_SLOTS - 1)
+}
+
+/// `key`'s bucket (below [`VIP_BUCKETS`]), base slot (below [`VIP_SLOTS`]) and step (odd)
+/// in a VIP table: see [`vip_slot`]. Not keyed: the table is built from the
+/// configuration, never from traffic, and a lookup costs the same whatever the key.
+#[inline(always)]
+pub fn vip_hash(key: &VipKey) -> (u32, u32, u32) {
     let mut h = (key.addr[0] as u64) << 32 | key.addr[1] as u64;
     h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= (key.addr[2] as u64) << 32 | key.addr[3] as u64;
@@ -201,6 +211,7 @@ pub fn vip_hash(key: &VipKey) -> (u32, u32) {
     (
         (h >> 52) as u32 & (VIP_BUCKETS - 1),
         h as u32 & (VIP_SLOTS - 1),
+        ((h >> 24) as u32 & (VIP_SLOTS - 1)) | 1,
     )
 }
 

@@ -40,9 +40,9 @@ pub static VIP_BUCKETS_MAP: Array<u32> = Array::with_max_entries(2 * VIP_BUCKETS
 #[inline(always)]
 pub fn vip_lookup(cfg: &Config, key: &VipKey) -> Option<VipInfo> {
     let table = cfg.vip_table & 1;
-    let (bucket, base) = vip_hash(key);
+    let (bucket, base, step) = vip_hash(key);
     let shift = *VIP_BUCKETS_MAP.get(table * VIP_BUCKETS + bucket)?;
-    let s = VIP_TABLES.get(table * VIP_SLOTS + (base.wrapping_add(shift) & (VIP_SLOTS - 1)))?;
+    let s = VIP_TABLES.get(table * VIP_SLOTS + vip_slot(base, step, shift))?;
     (s.key.addr[0] == key.addr[0]
         && s.key.addr[1] == key.addr[1]
         && s.key.addr[2] == key.addr[2]

@@ -487,27 +487,13 @@ impl Controller {
             let written = self.write_ring(sid)?;
             summary.slots_written += written;
         }
-        // One switch of the dataplane's VIP table for all of them.
+        // One switch of the dataplane's VIP table for all of them, made whatever happens
+        // half way: what LB_VIPS holds then is what the dataplane sees.
         self.dp.begin_vip_batch();
-        for (vip, info) in &want_vips {
-            if self.vips.get(vip) != Some(info) {
-                self.dp.set_vip(vip.addr, vip.port, vip.proto, *info)?;
-                self.vips.insert(*vip, *info);
-                summary.vips_added += 1;
-            }
-        }
-        let stale: Vec<Vip> = self
-            .vips
-            .keys()
-            .filter(|v| !want_vips.contains_key(v))
-            .copied()
-            .collect();
-        for vip in stale {
-            self.remove_vip(&vip, &want_vips)?;
-            self.vips.remove(&vip);
-            summary.vips_removed += 1;
-        }
-        self.dp.end_vip_batch()?;
+        let changed = self.write_vips(&want_vips, &mut summary);
+        let published = self.dp.end_vip_batch();
+        changed?;
+        published?;
 
         // Backends that left: out of every ring already (their services were rebuilt
         // above); now the connections to them re-pick and their tokens go.
@@ -603,6 +589,34 @@ impl Controller {
                 "this change adds {added} backends while {} of {usable} are in use, and the ids of backends that leave are freed only after it: apply it in two steps, removals first",
                 self.backends.len()
             );
+        }
+        Ok(())
+    }
+
+    /// Installs the VIPs of `want` that are new or changed and removes the others, in
+    /// LB_VIPS (the caller publishes them to the dataplane).
+    fn write_vips(
+        &mut self,
+        want: &HashMap<Vip, VipInfo>,
+        summary: &mut ApplySummary,
+    ) -> anyhow::Result<()> {
+        for (vip, info) in want {
+            if self.vips.get(vip) != Some(info) {
+                self.dp.set_vip(vip.addr, vip.port, vip.proto, *info)?;
+                self.vips.insert(*vip, *info);
+                summary.vips_added += 1;
+            }
+        }
+        let stale: Vec<Vip> = self
+            .vips
+            .keys()
+            .filter(|v| !want.contains_key(v))
+            .copied()
+            .collect();
+        for vip in stale {
+            self.remove_vip(&vip, want)?;
+            self.vips.remove(&vip);
+            summary.vips_removed += 1;
         }
         Ok(())
     }

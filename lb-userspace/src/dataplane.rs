@@ -189,30 +189,33 @@ impl VipTable {
     }
 
     /// The table holding `entries` (hash and displace): buckets with the most VIPs first,
-    /// each gets the smallest shift that puts all its VIPs on free slots.
+    /// each gets the first displacement that puts all its VIPs on free slots, trying
+    /// every `d1` for `d0` = 0, then 1, ...: `d0` parts the keys of a bucket that share
+    /// their base slot.
     pub fn build(entries: &[(VipKey, VipInfo)]) -> anyhow::Result<Self> {
         let mut t = Self::empty();
-        let mut by_bucket: std::collections::BTreeMap<u32, Vec<(VipKey, VipInfo, u32)>> =
+        let mut by_bucket: std::collections::BTreeMap<u32, Vec<(VipKey, VipInfo, u32, u32)>> =
             Default::default();
         for (key, info) in entries {
-            let (bucket, base) = vip_hash(key);
+            let (bucket, base, step) = vip_hash(key);
             by_bucket
                 .entry(bucket)
                 .or_default()
-                .push((*key, *info, base));
+                .push((*key, *info, base, step));
         }
         let mut buckets: Vec<_> = by_bucket.into_iter().collect();
         buckets.sort_by_key(|(b, members)| (std::cmp::Reverse(members.len()), *b));
         for (bucket, members) in buckets {
-            let slot =
-                |base: u32, shift: u32| (base.wrapping_add(shift) & (VIP_SLOTS - 1)) as usize;
-            let shift = (0..VIP_SLOTS).find(|&shift| {
+            let fits = |shift: u32| {
                 let mut seen = std::collections::HashSet::new();
-                members.iter().all(|(_, _, base)| {
-                    let s = slot(*base, shift);
+                members.iter().all(|(_, _, base, step)| {
+                    let s = vip_slot(*base, *step, shift) as usize;
                     t.slots[s].key.family == 0 && seen.insert(s)
                 })
-            });
+            };
+            let shift = (0..64u32)
+                .flat_map(|d0| (0..VIP_SLOTS).map(move |d1| d0 << 16 | d1))
+                .find(|&shift| fits(shift));
             let Some(shift) = shift else {
                 bail!(
                     "no room in the VIP table for bucket {bucket} ({} VIPs)",
@@ -220,8 +223,8 @@ impl VipTable {
                 );
             };
             t.buckets[bucket as usize] = shift;
-            for (key, info, base) in members {
-                t.slots[slot(base, shift)] = VipSlot { key, info };
+            for (key, info, base, step) in members {
+                t.slots[vip_slot(base, step, shift) as usize] = VipSlot { key, info };
             }
         }
         Ok(t)
@@ -229,22 +232,58 @@ impl VipTable {
 
     /// What the dataplane finds for `key` in this table (as `vip_lookup` does).
     pub fn lookup(&self, key: &VipKey) -> Option<VipInfo> {
-        let (bucket, base) = vip_hash(key);
+        let (bucket, base, step) = vip_hash(key);
         let shift = self.buckets[bucket as usize];
-        let s = self.slots[(base.wrapping_add(shift) & (VIP_SLOTS - 1)) as usize];
+        let s = self.slots[vip_slot(base, step, shift) as usize];
         (s.key == *key && s.key.family != 0).then_some(s.info)
     }
 }
 
-/// Waits for an RCU grace period (membarrier MEMBARRIER_CMD_GLOBAL): every BPF program
-/// running when it was called has returned.
+/// Waits for an RCU grace period: every BPF program running when it was called has
+/// returned (programs run inside RCU read-side sections). The kernel waits for one
+/// whenever the syscall updates an element of an array of maps (its
+/// `maybe_wait_bpf_programs`), so a throwaway array of maps, updated once, is the wait:
+/// it needs nothing but BPF, which this host has. (membarrier(MEMBARRIER_CMD_GLOBAL)
+/// waits the same but is refused on hosts booted with `nohz_full`.)
 fn synchronize_rcu() -> anyhow::Result<()> {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("membarrier(MEMBARRIER_CMD_GLOBAL)");
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+        // SAFETY: `attr` is a zero-filled bpf_attr of 128 bytes holding the command's
+        // fields; the pointers in it (if any) point at live locals of the caller.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128usize) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
     }
+    let create = |map_type: u32, inner_fd: u32| -> anyhow::Result<OwnedFd> {
+        let mut attr = [0u64; 16];
+        // map_type, key_size, value_size, max_entries, map_flags, inner_map_fd.
+        attr[0] = u64::from(map_type) | 4 << 32;
+        attr[1] = 4 | 1 << 32;
+        attr[2] = u64::from(inner_fd) << 32;
+        let fd = bpf(BPF_MAP_CREATE, &mut attr).context("creating a map to wait on")?;
+        // SAFETY: the kernel just gave us this descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let inner = create(BPF_MAP_TYPE_ARRAY, 0)?;
+    let outer = create(
+        BPF_MAP_TYPE_ARRAY_OF_MAPS,
+        std::os::fd::AsRawFd::as_raw_fd(&inner) as u32,
+    )?;
+    let key = 0u32;
+    let value = std::os::fd::AsRawFd::as_raw_fd(&inner) as u32;
+    let mut attr = [0u64; 16];
+    // map_fd, then pointers to key and value, then flags.
+    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&outer) as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = &value as *const u32 as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("waiting for an RCU grace period")?;
     Ok(())
 }
 
@@ -287,6 +326,8 @@ pub struct Dataplane {
     vip_live: u32,
     /// While set, VIP changes wait for [`Dataplane::end_vip_batch`] to reach the dataplane.
     vip_batch: bool,
+    /// The last switch of tables was not followed by a grace period yet.
+    vip_wait_pending: bool,
 }
 
 impl Dataplane {
@@ -362,6 +403,8 @@ impl Dataplane {
             vip_tables,
             vip_live,
             vip_batch: false,
+            // An adopted table may have just been switched by the previous process.
+            vip_wait_pending: root.is_some(),
         })
     }
 
@@ -393,6 +436,10 @@ impl Dataplane {
             .collect::<Result<_, _>>()
             .context("reading LB_VIPS")?;
         let table = VipTable::build(&entries)?;
+        if self.vip_wait_pending {
+            synchronize_rcu()?;
+            self.vip_wait_pending = false;
+        }
         let next = self.vip_live ^ 1;
         let old = &mut self.vip_tables[next as usize];
         for (i, slot) in table.slots.iter().enumerate() {
@@ -413,13 +460,21 @@ impl Dataplane {
                 old.buckets[i] = *shift;
             }
         }
+        // The switch, then the wait: after it no program still reads the other table, and
+        // the next change may rewrite it. `vip_live` moves only once the dataplane
+        // switched; if the wait fails, the next publish waits first.
         let mut cfg = self.maps.config.get(&0, 0).context("reading LB_CONFIG")?;
-        self.vip_live = next;
+        cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = next;
-        self.set_config(cfg)?;
-        // Programs run inside RCU read-side sections: after a grace period, none that
-        // read the old `vip_table` is still running.
-        synchronize_rcu()
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .context("writing LB_CONFIG")?;
+        self.vip_live = next;
+        self.vip_wait_pending = true;
+        synchronize_rcu()?;
+        self.vip_wait_pending = false;
+        Ok(())
     }
 
     pub fn program(&mut self) -> &mut Xdp {
@@ -719,8 +774,9 @@ mod tests {
         }
     }
 
-    /// The most a configuration may hold (MAX_VIPS VIPs, each with its address marker)
-    /// fits, every entry is found where the dataplane looks, and nothing else is.
+    /// Twice what a configuration may hold (MAX_VIPS VIPs, each with its address marker;
+    /// `LB_VIPS` holds MAX_VIPS entries in all) fits, every entry is found where the
+    /// dataplane looks, and nothing else is.
     #[test]
     fn a_full_vip_table_finds_every_vip_and_nothing_else() {
         let mut entries = Vec::new();
@@ -747,6 +803,53 @@ mod tests {
             None,
             "an empty slot is no VIP"
         );
+    }
+
+    /// Two VIPs of one bucket with the same base slot (found by search: 26 bits of the
+    /// hash alike) still get slots of their own, and so do 1,024 entries however they
+    /// fall: 100 configurations of consecutive addresses, from 100 starting points.
+    #[test]
+    fn vips_that_share_bucket_and_base_slot_still_fit() {
+        let mut seen = std::collections::HashMap::new();
+        let pair = (0..1u32 << 22)
+            .find_map(|i| {
+                let k = key(i, 80, false);
+                let (bucket, base, _) = vip_hash(&k);
+                seen.insert((bucket, base), k).map(|other| (other, k))
+            })
+            .expect("two keys alike in bucket and base slot");
+        let entries = [
+            (
+                pair.0,
+                VipInfo {
+                    service: 1,
+                    flags: 0,
+                },
+            ),
+            (
+                pair.1,
+                VipInfo {
+                    service: 2,
+                    flags: 0,
+                },
+            ),
+        ];
+        let t = VipTable::build(&entries).expect("both fit");
+        for (k, info) in &entries {
+            assert_eq!(t.lookup(k), Some(*info));
+        }
+        for start in 0..100u32 {
+            let entries: Vec<(VipKey, VipInfo)> = (0..MAX_VIPS)
+                .map(|i| {
+                    (
+                        key(start * 7919 + i, 443, start % 2 == 1),
+                        VipInfo::default(),
+                    )
+                })
+                .collect();
+            let t = VipTable::build(&entries).expect("1,024 entries fit");
+            assert!(entries.iter().all(|(k, info)| t.lookup(k) == Some(*info)));
+        }
     }
 
     /// The same entries in another order give a table that answers the same.
