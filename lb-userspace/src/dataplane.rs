@@ -239,6 +239,23 @@ impl VipTable {
     }
 }
 
+/// Writes `new[i]` to `map[base + i]` where it differs from `mirror[i]` (what the map
+/// holds), keeping `mirror` in step with every write that succeeded.
+fn write_changed<T: aya::Pod + PartialEq>(
+    map: &mut Array<MapData, T>,
+    base: u32,
+    new: &[T],
+    mirror: &mut [T],
+) -> Result<(), aya::maps::MapError> {
+    for (i, (value, held)) in new.iter().zip(mirror.iter_mut()).enumerate() {
+        if held != value {
+            map.set(base + i as u32, *value, 0)?;
+            *held = *value;
+        }
+    }
+    Ok(())
+}
+
 /// Waits for an RCU grace period: every BPF program running when it was called has
 /// returned (programs run inside RCU read-side sections). The kernel waits for one
 /// whenever the syscall updates an element of an array of maps (its
@@ -436,30 +453,30 @@ impl Dataplane {
             .collect::<Result<_, _>>()
             .context("reading LB_VIPS")?;
         let table = VipTable::build(&entries)?;
+        // Nothing to switch to when the live table already holds exactly this.
+        if !self.vip_wait_pending && table == self.vip_tables[self.vip_live as usize] {
+            return Ok(());
+        }
         if self.vip_wait_pending {
             synchronize_rcu()?;
             self.vip_wait_pending = false;
         }
         let next = self.vip_live ^ 1;
         let old = &mut self.vip_tables[next as usize];
-        for (i, slot) in table.slots.iter().enumerate() {
-            if old.slots[i] != *slot {
-                self.maps
-                    .vip_tables
-                    .set(next * VIP_SLOTS + i as u32, *slot, 0)
-                    .context("writing LB_VIP_SLOTS")?;
-                old.slots[i] = *slot;
-            }
-        }
-        for (i, shift) in table.buckets.iter().enumerate() {
-            if old.buckets[i] != *shift {
-                self.maps
-                    .vip_buckets
-                    .set(next * VIP_BUCKETS + i as u32, *shift, 0)
-                    .context("writing LB_VIP_BUCKETS")?;
-                old.buckets[i] = *shift;
-            }
-        }
+        write_changed(
+            &mut self.maps.vip_tables,
+            next * VIP_SLOTS,
+            &table.slots,
+            &mut old.slots,
+        )
+        .context("writing LB_VIP_SLOTS")?;
+        write_changed(
+            &mut self.maps.vip_buckets,
+            next * VIP_BUCKETS,
+            &table.buckets,
+            &mut old.buckets,
+        )
+        .context("writing LB_VIP_BUCKETS")?;
         // The switch, then the wait: after it no program still reads the other table, and
         // the next change may rewrite it. `vip_live` moves only once the dataplane
         // switched; if the wait fails, the next publish waits first.
