@@ -34,6 +34,14 @@ pub const DOWNLOAD: usize = 100_000;
 /// The kernel routing table a fleet node's daemon announces its VIPs in
 /// (`balancer.announce_route_table`), which the node's BIRD exports.
 pub const ANNOUNCE_TABLE: u32 = 200;
+/// Map sizes of the end-to-end runs: the default Maglev ring, 64k flows per family and
+/// 64k tokens.
+pub const E2E_SIZES: Sizes = Sizes {
+    ring_size: 65537,
+    conn_entries: 1 << 16,
+    conn6_entries: 1 << 16,
+    token_entries: 1 << 16,
+};
 pub const LB4: &str = "10.0.2.2";
 pub const LB6: &str = "fd00:a2::2";
 const IPPROTO_MPTCP: i32 = 262;

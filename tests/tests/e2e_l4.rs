@@ -14,8 +14,8 @@ use lb_userspace::dataplane::Sizes;
 use mptcp_lb_tests::{
     privileged,
     testbed::{
-        DOWNLOAD, LB4, PORT, Server, Testbed, VIP4, across, alternate, backend_addr4, run_clients,
-        serve,
+        DOWNLOAD, E2E_SIZES, LB4, PORT, Server, Testbed, VIP4, across, alternate, backend_addr4,
+        run_clients, serve,
     },
 };
 
@@ -40,15 +40,7 @@ fn l4_balancing_with_direct_server_return() {
         "the VIP must be unreachable before the balancer is attached"
     );
 
-    let mut dp = tb.balancer(
-        Sizes {
-            ring_size: 65537,
-            conn_entries: 1 << 16,
-            conn6_entries: 1 << 16,
-            token_entries: 1 << 16,
-        },
-        0,
-    );
+    let mut dp = tb.balancer(E2E_SIZES, 0);
     for i in 1..=4 {
         dp.set_backend(i as u32, IpAddr::V4(backend_addr4(i)), BACKEND_ACTIVE)
             .expect("backend");

@@ -18,12 +18,13 @@ use lb_common::{
     counters::Counter,
     maps::{BACKEND_ACTIVE, BACKEND_DRAINING, CONFIG_NO_MPTCP, Config},
 };
-use lb_userspace::dataplane::{Dataplane, Sizes, addr_words};
+use lb_userspace::dataplane::{Dataplane, addr_words};
 use mptcp_lb_tests::{
     netns::Netns,
     privileged,
     testbed::{
-        LB4, LB6, Server, Testbed, VIP6, across, alternate, backend_addr4, run_clients, serve,
+        E2E_SIZES, LB4, LB6, Server, Testbed, VIP6, across, alternate, backend_addr4, run_clients,
+        serve,
     },
 };
 
@@ -56,15 +57,7 @@ fn every_subflow_reaches_its_connections_backend() {
     for s in &servers {
         s.expect_joins.store(true, Ordering::Relaxed);
     }
-    let mut dp = tb.balancer(
-        Sizes {
-            ring_size: 65537,
-            conn_entries: 1 << 16,
-            conn6_entries: 1 << 16,
-            token_entries: 1 << 16,
-        },
-        0,
-    );
+    let mut dp = tb.balancer(E2E_SIZES, 0);
     for i in 1..=3 {
         dp.set_backend(i as u32, IpAddr::V4(backend_addr4(i)), BACKEND_ACTIVE)
             .expect("backend");

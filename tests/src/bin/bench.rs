@@ -129,6 +129,14 @@ fn bench_program<'a>(dp: &'a Dataplane, name: &str) -> &'a Xdp {
         .expect("xdp")
 }
 
+fn bench_program_mut<'a>(dp: &'a mut Dataplane, name: &str) -> &'a mut Xdp {
+    dp.ebpf
+        .program_mut(name)
+        .expect("bench program")
+        .try_into()
+        .expect("xdp")
+}
+
 fn padded(mut frame: Vec<u8>) -> Vec<u8> {
     // Trailing bytes after the IP packet are ignored by everyone (its length says so).
     while !frame.len().is_multiple_of(8) {
@@ -174,13 +182,9 @@ fn main() {
             loader::PROG_BENCH_SHA256,
             loader::PROG_BENCH_TOKEN_INSERT,
         ] {
-            let p: &mut Xdp = dp
-                .ebpf
-                .program_mut(name)
-                .expect("bench program")
-                .try_into()
-                .expect("xdp");
-            p.load().expect("load bench program");
+            bench_program_mut(&mut dp, name)
+                .load()
+                .expect("load bench program");
         }
         // How close the programs are to the verifier's limit: the wrapper inlines the
         // whole balancer, and a change that doubles its states fails to load.
@@ -502,13 +506,9 @@ fn main() {
             let dir = std::path::Path::new(&dir);
             std::fs::create_dir_all(dir).expect("pin directory");
             for name in [loader::PROG_BENCH_BALANCER, loader::PROG_BENCH_RESET] {
-                let p: &mut Xdp = dp
-                    .ebpf
-                    .program_mut(name)
-                    .expect("bench program")
-                    .try_into()
-                    .expect("xdp");
-                p.pin(dir.join(name)).expect("pin program");
+                bench_program_mut(&mut dp, name)
+                    .pin(dir.join(name))
+                    .expect("pin program");
             }
             dp.ebpf
                 .map(MAP_BENCH)

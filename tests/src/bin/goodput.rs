@@ -16,10 +16,9 @@ use std::{
 };
 
 use lb_common::maps::BACKEND_ACTIVE;
-use lb_userspace::dataplane::Sizes;
 use mptcp_lb_tests::{
     netns::wait_until,
-    testbed::{PORT, Testbed, VIP4, backend_addr4},
+    testbed::{E2E_SIZES, PORT, Testbed, VIP4, backend_addr4},
 };
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -79,15 +78,7 @@ fn main() {
     let rounds = env_or("GOODPUT_ROUNDS", 3);
 
     let tb = Testbed::new("mlb-gp", 1);
-    let mut dp = tb.balancer(
-        Sizes {
-            ring_size: 65537,
-            conn_entries: 1 << 16,
-            conn6_entries: 1 << 16,
-            token_entries: 1 << 16,
-        },
-        0,
-    );
+    let mut dp = tb.balancer(E2E_SIZES, 0);
     dp.set_backend(1, IpAddr::V4(backend_addr4(1)), BACKEND_ACTIVE)
         .expect("backend");
     dp.set_ring(0, &Testbed::members(&[1])).expect("ring");
