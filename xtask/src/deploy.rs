@@ -323,25 +323,10 @@ fn deploy_agent(args: &BackendArgs, bin: &Path) -> anyhow::Result<()> {
     for p in [&pid_file, &log_file] {
         std::fs::create_dir_all(p.parent().context("dir")?)?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_file)
-        .with_context(|| format!("opening {}", log_file.display()))?;
-    let start = std::fs::metadata(&log_file)?.len();
+    let start = std::fs::metadata(&log_file).map_or(0, |m| m.len());
     let mut cmd = in_netns(ns, bin);
-    cmd.args(&argv)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid in the child before exec, as for the daemon: it outlives us.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting mptcp-lb agent")?;
+    cmd.args(&argv);
+    let mut child = spawn_detached(cmd, &log_file).context("starting mptcp-lb agent")?;
     let pid = child.id() as i32;
     std::fs::write(&pid_file, format!("{pid}\n"))?;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -653,6 +638,28 @@ fn prepared_config(args: &DeployArgs) -> anyhow::Result<(String, PathBuf, PathBu
     Ok((toml::to_string(&doc)?, pins, socket))
 }
 
+/// Starts `cmd` in a session of its own (setsid before exec: it leaves our session and
+/// process group, so it outlives this command and its terminal), its output appended to
+/// `log`, no standard input.
+fn spawn_detached(mut cmd: Command, log: &Path) -> anyhow::Result<std::process::Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // SAFETY: setsid is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?)
+}
+
 fn in_netns(netns: Option<&str>, program: &Path) -> Command {
     match netns {
         Some(ns) => {
@@ -877,26 +884,9 @@ pub fn deploy(
     for p in [&l.log, &l.pid] {
         std::fs::create_dir_all(p.parent().context("dir")?)?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&l.log)
-        .with_context(|| format!("opening {}", l.log.display()))?;
     let mut cmd = in_netns(args.netns.as_deref(), &l.bin);
-    cmd.args(["run", "--config"])
-        .arg(&l.config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid in the child before exec: it leaves our session and process group,
-    // so it outlives this command and its terminal.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().context("starting mptcp-lb run")?;
+    cmd.args(["run", "--config"]).arg(&l.config);
+    let child = spawn_detached(cmd, &l.log).context("starting mptcp-lb run")?;
     // nsenter execs the daemon in place: the child's pid is the daemon's.
     let pid = child.id() as i32;
     std::fs::write(&l.pid, format!("{pid}\n"))?;
