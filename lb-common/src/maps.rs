@@ -306,14 +306,16 @@ impl FlowKey {
     /// is [`FAMILY_V4`].
     #[inline(always)]
     pub fn v4(&self) -> FlowKey4 {
-        FlowKey4 {
-            src: self.src[0],
-            dst: self.dst[0],
-            sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        // Built as four words: written field by field, the three padding bytes become a
+        // call to the BPF object's byte-wise memset on every IPv4 table lookup.
+        let [s0, s1] = self.sport.to_ne_bytes();
+        let [d0, d1] = self.dport.to_ne_bytes();
+        bytemuck::cast([
+            self.src[0],
+            self.dst[0],
+            u32::from_ne_bytes([s0, s1, d0, d1]),
+            u32::from_ne_bytes([self.proto, 0, 0, 0]),
+        ])
     }
 }
 
@@ -644,6 +646,32 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_flow_key_keeps_every_field() {
+        let key = FlowKey {
+            src: [0x0a00_0001u32.to_be(), 0, 0, 0],
+            dst: [0x0a64_0001u32.to_be(), 0, 0, 0],
+            sport: 40_000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let k4 = key.v4();
+        assert_eq!(
+            k4,
+            FlowKey4 {
+                src: key.src[0],
+                dst: key.dst[0],
+                sport: key.sport,
+                dport: key.dport,
+                proto: 6,
+                _pad: [0; 3],
+            }
+        );
+        assert_eq!(FlowKey::from(k4), key);
+    }
 
     #[test]
     fn a_token_refresh_is_due_once_per_time_unit() {
