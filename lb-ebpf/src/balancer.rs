@@ -106,13 +106,21 @@ pub fn rate(slot: u32, limit: u32) -> Rate {
     if limit == 0 {
         return Rate::Under;
     }
+    // SAFETY: plain helper call.
+    rate_at(slot, limit, unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// [`rate`] at time `now` (`bpf_ktime_get_coarse_ns`), for a caller that has read it.
+#[inline(always)]
+pub fn rate_at(slot: u32, limit: u32, now: u64) -> Rate {
+    if limit == 0 {
+        return Rate::Under;
+    }
     let Some(r) = CONN_RATE.get_ptr_mut(slot) else {
         return Rate::Under;
     };
     // SAFETY: a per-CPU slot; only this CPU touches it while the program runs.
     let r = unsafe { &mut *r };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.wrapping_sub(r.window_start_ns) >= 1_000_000_000 {
         r.window_start_ns = now;
         r.count = 1;
@@ -132,7 +140,17 @@ pub fn rate(slot: u32, limit: u32) -> Rate {
 /// the first time in a second, says so in the log.
 #[inline(always)]
 pub fn over_rate(ctx: &XdpContext, slot: u32, limit: u32) -> bool {
-    match rate(slot, limit) {
+    if limit == 0 {
+        return false;
+    }
+    // SAFETY: plain helper call.
+    over_rate_at(ctx, slot, limit, unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// [`over_rate`] at time `now` (`bpf_ktime_get_coarse_ns`), for a caller that has read it.
+#[inline(always)]
+pub fn over_rate_at(ctx: &XdpContext, slot: u32, limit: u32, now: u64) -> bool {
+    match rate_at(slot, limit, now) {
         Rate::Under => false,
         Rate::JustOver => {
             if may_log() {

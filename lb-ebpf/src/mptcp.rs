@@ -124,7 +124,9 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
     }
     // Each token costs a SHA-256 and an insert, and clients make handshakes at will:
     // over the limit the keys are not used, and a later packet with keys may teach.
-    if crate::balancer::over_rate(ctx, RATE_LEARNING, cfg.max_learn_rate) {
+    // One clock read for the limit and the token's time stamps (a helper call each).
+    let t = now();
+    if crate::balancer::over_rate_at(ctx, RATE_LEARNING, cfg.max_learn_rate, t) {
         count(Counter::LearnRateLimited);
         return;
     }
@@ -138,7 +140,6 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         // only; the option bytes in it are no longer needed (the key is a copy).
         mptcp::token_v1_in(key, unsafe { &mut *(scratch as *mut [u32; 16]) })
     };
-    let t = now();
     let entry = TokenEntry {
         backend: c.backend,
         service: c.service,
