@@ -61,7 +61,9 @@ struct Class {
     verdict: u32,
     vary_off: u32,
     relearn: Option<FlowKey>,
-    /// `Config::max_conn_rate` while this class runs (0: no SYN-flood guard).
+    /// `Config::max_conn_rate` while this class runs. By default `u32::MAX`: the guard
+    /// is on, as the daemon runs it (it reads the clock for every new flow), and never
+    /// reached; 1 for the classes over the limit.
     max_conn_rate: u32,
     katran: Option<u32>,
 }
@@ -91,9 +93,19 @@ fn class(
         verdict,
         vary_off,
         relearn: None,
-        max_conn_rate: 0,
+        max_conn_rate: u32::MAX,
         katran,
     }
+}
+
+/// Sets the flood guard to `max_conn_rate` and turns the learning limit on (the
+/// daemon's default is 10,000 a second per CPU) where it is never reached: both read
+/// the clock as they do in service.
+fn set_limits(dp: &mut Dataplane, max_conn_rate: u32) {
+    let mut cfg = dp.maps.config.get(&0, 0).expect("config");
+    cfg.max_conn_rate = max_conn_rate;
+    cfg.max_learn_rate = u32::MAX;
+    dp.set_config(cfg).expect("config");
 }
 
 /// Per-iteration nanoseconds of one call of `repeat()` iterations; the verdict is checked.
@@ -503,6 +515,8 @@ fn main() {
         // very same programs call by call beside its own (the side-by-side runs against
         // Katran do).
         if let Ok(dir) = std::env::var("BENCH_PIN") {
+            // The limits as the classes run them (none of them over a limit).
+            set_limits(&mut dp, u32::MAX);
             let dir = std::path::Path::new(&dir);
             std::fs::create_dir_all(dir).expect("pin directory");
             for name in [loader::PROG_BENCH_BALANCER, loader::PROG_BENCH_RESET] {
@@ -535,9 +549,7 @@ fn main() {
         // meets entries another class left in the table.
         let span = (calls() as u32 + 2) * repeat();
         let set = |dp: &mut Dataplane, c: &Class, seq: u32| {
-            let mut cfg = dp.maps.config.get(&0, 0).expect("config");
-            cfg.max_conn_rate = c.max_conn_rate;
-            dp.set_config(cfg).expect("config");
+            set_limits(dp, c.max_conn_rate);
             let frame = padded(c.frame.clone());
             let mut bytes = [0u8; BENCH_FRAME];
             bytes[..frame.len()].copy_from_slice(&frame);
