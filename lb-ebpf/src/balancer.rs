@@ -222,6 +222,19 @@ fn to_join_port(
     )
 }
 
+/// A SYN's entry for flow `key`: its 5-tuple's entry rewritten in place if the table has
+/// one (a retransmitted SYN, a reused port), else a new one. In place costs a lookup,
+/// where the LRU's update of an existing key takes a new element and moves it on the
+/// lists; for a new 5-tuple the lookup's miss leaves the bucket in cache for the insert.
+#[inline(always)]
+fn record(key: &FlowKey, conn: Conn) {
+    match conn_ptr(key) {
+        // SAFETY: a live map value of the connection table.
+        Some(p) => unsafe { *p = conn },
+        None => conn_insert(key, conn),
+    }
+}
+
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> u32 {
     let pkt = match parse::parse(ctx) {
@@ -280,9 +293,10 @@ pub fn balance(ctx: &XdpContext) -> u32 {
     let mut conn_token = 0;
     if is_syn {
         // A SYN starts a connection: it is placed now (Maglev, or its token for a join)
-        // and overwrites whatever the table remembers of its 5-tuple, without reading
-        // it. Clients reuse ports, and a new connection must follow the current pool
-        // (not a stale entry's draining backend). Katran does the same.
+        // and replaces whatever the table remembers of its 5-tuple: clients reuse ports,
+        // and a new connection must follow the current pool (not a stale entry's
+        // draining backend). Katran overwrites it without reading it; here an entry
+        // that is there is rewritten in place ([`record`]), which is cheaper.
         count(Counter::ConnNew);
         let option = if cfg.flags & CONFIG_NO_MPTCP == 0 {
             mptcp::option(ctx, &pkt)
@@ -347,7 +361,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                 }
                 if backend_id != 0 && record_join {
                     let flags = CONN_MPTCP | CONN_TOKEN_DONE | CONN_JOIN;
-                    conn_insert(
+                    record(
                         &key,
                         Conn {
                             backend: backend_id,
@@ -414,7 +428,11 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                 token: conn_token,
                 flags: conn_flags,
             };
-            conn_insert(&key, conn);
+            if is_syn {
+                record(&key, conn);
+            } else {
+                conn_insert(&key, conn);
+            }
         }
     }
     let Some(backend) = BACKENDS.get(backend_id).copied() else {

@@ -462,6 +462,59 @@ fn removed_backend_connections_are_replaced() {
     });
 }
 
+/// A SYN on a 5-tuple the table knows (a client reusing its port) starts a new
+/// connection: it goes where the pool sends new connections now, not to the old entry's
+/// backend, and the entry becomes the new connection's (its learned token and MPTCP
+/// state gone), with no second entry for the 5-tuple.
+#[test]
+fn a_syn_on_a_known_5_tuple_replaces_its_entry() {
+    let test = "a_syn_on_a_known_5_tuple_replaces_its_entry";
+    with_balancer(test, "reuse", |mut dp, _, link| {
+        let ifindex = link.ifindex;
+        let key = key4(CLIENT4, vip4(6), 50002, 80, 6);
+        // An MPTCP connection that learned its token.
+        let syn = tcp4(CLIENT4, vip4(6), 50002, 80, SYN, &MP_CAPABLE_SYN_V1, &[]);
+        let keys = mp_capable_keys(1, 20, 0x51, 0x0e0e_0000_0000_0002);
+        let ack = tcp4(CLIENT4, vip4(6), 50002, 80, ACK, &keys, &[]);
+        assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
+        assert_eq!(run_once(dp.program(), &ack, ifindex).0, XDP_TX);
+        let old = dp.maps.conns.get(&key).expect("conn");
+        assert_ne!(old.token, 0, "the first connection learned its token");
+        // Its backend stays in service (draining) but leaves the ring.
+        let rest: Vec<maglev::Member> = maglev_members()
+            .into_iter()
+            .filter(|m| m.id != old.backend)
+            .collect();
+        dp.set_ring(5, &rest).expect("ring");
+        let addr = v4(MAGLEV_BES[(old.backend - 5) as usize]);
+        dp.set_backend(old.backend, addr, lb_common::maps::BACKEND_DRAINING)
+            .expect("drain");
+        let entries = dp.maps.conns.len();
+
+        // A new plain-TCP connection from the same address and port.
+        let syn = tcp4(CLIENT4, vip4(6), 50002, 80, SYN, &[], &[]);
+        let (verdict, out) = run_once(dp.program(), &syn, ifindex);
+        assert_eq!(verdict, XDP_TX);
+        let new = dp.maps.conns.get(&key).expect("conn");
+        assert_ne!(
+            new.backend, old.backend,
+            "the new connection follows the ring"
+        );
+        assert_eq!(&out[30..34], &MAGLEV_BES[(new.backend - 5) as usize]);
+        assert_eq!(
+            (new.token, new.flags),
+            (0, 0),
+            "nothing of the old connection's MPTCP state is left"
+        );
+        assert_eq!(dp.maps.conns.len(), entries, "one entry for the 5-tuple");
+        // Its next packet follows the new entry.
+        let data = tcp4(CLIENT4, vip4(6), 50002, 80, ACK, &[], b"x");
+        let (verdict, out) = run_once(dp.program(), &data, ifindex);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(&out[30..34], &MAGLEV_BES[(new.backend - 5) as usize]);
+    });
+}
+
 /// The next hop of a backend is cached per CPU for NEXTHOP_TTL_JIFFIES (1 s at HZ=250):
 /// a neighbour that changes its MAC address gets the balancer's packets within that
 /// time, not never (and not by a route lookup per packet).
