@@ -13,6 +13,7 @@
 //! `BENCH_REPEAT`, default 1,000); the table shows the median over the calls (`BENCH_CALLS`, default 30),
 //! and the verdict of every call is checked. The calls are interleaved (one call of every
 //! class per round), so the machine's drift during a run moves all rows alike.
+//! `BENCH_FULL=1` fills the tables first, so that every measured insert evicts.
 
 use aya::{
     maps::Array,
@@ -40,13 +41,20 @@ fn calls() -> usize {
         .unwrap_or(30)
 }
 /// Iterations per call (`BENCH_REPEAT`, default 1,000). At the defaults a class makes
-/// 32k new flows at most: the table (1M) never has to evict.
+/// 32k new flows at most: the table (1M) never has to evict, unless `BENCH_FULL`.
 fn repeat() -> u32 {
     std::env::var("BENCH_REPEAT")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000)
 }
+/// `BENCH_FULL=1`: before the calls, fill the IPv4 and IPv6 connection tables and the
+/// token table past their size, so that every insert measured evicts, as on a busy
+/// balancer whose tables stay full. By default they never fill (see [`repeat`]).
+fn full_tables() -> bool {
+    std::env::var("BENCH_FULL").is_ok_and(|v| v == "1")
+}
+
 /// Offsets in an untagged IPv4 frame: source address; low half of the server key in a
 /// third ACK built by `mp_capable_keys` (options at 54: NOP NOP 30 20 ver flags ckey skey).
 const IPV4_SRC: u32 = 26;
@@ -110,6 +118,11 @@ fn set_limits(dp: &mut Dataplane, max_conn_rate: u32) {
 
 /// Per-iteration nanoseconds of one call of `repeat()` iterations; the verdict is checked.
 fn call(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str) -> f64 {
+    call_n(prog, frame, ifindex, verdict, name, repeat())
+}
+
+/// [`call`] with `repeat` iterations.
+fn call_n(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str, repeat: u32) -> f64 {
     let mut md = [0u8; 24];
     md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
     md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
@@ -118,7 +131,7 @@ fn call(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str) -> f64
         data_in: Some(frame),
         data_out: Some(&mut out),
         ctx_in: Some(&md),
-        repeat: repeat(),
+        repeat,
         ..Default::default()
     };
     let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
@@ -131,6 +144,79 @@ fn call(prog: &Xdp, frame: &[u8], ifindex: u32, verdict: u32, name: &str) -> f64
     );
     // The kernel reports the mean over the repeats.
     r.duration.as_nanos() as f64
+}
+
+/// Puts class `c`'s frame and variation, starting at `seq`, where the wrapper restores it
+/// from, and sets the limits it runs with; returns the frame.
+fn set_frame(dp: &mut Dataplane, c: &Class, seq: u32) -> Vec<u8> {
+    set_limits(dp, c.max_conn_rate);
+    let frame = padded(c.frame.clone());
+    let mut bytes = [0u8; BENCH_FRAME];
+    bytes[..frame.len()].copy_from_slice(&frame);
+    let b = BenchFrame {
+        len: frame.len() as u32,
+        vary_off: c.vary_off,
+        relearn: u32::from(c.relearn.is_some()),
+        seq,
+        flow: c.relearn.unwrap_or_default(),
+        bytes,
+    };
+    let mut m: Array<_, BenchFrame> =
+        Array::try_from(dp.ebpf.map_mut(MAP_BENCH).expect("bench map")).expect("bench map type");
+    m.set(0, b, 0).expect("bench frame");
+    frame
+}
+
+/// `BENCH_FULL`: fills the IPv4 and IPv6 connection tables (`conn_entries` each) and the
+/// token table with 1/8 more new entries than they hold, from a range of the varied
+/// field no class uses (theirs stay below 2^31 at any sane `BENCH_CALLS` and
+/// `BENCH_REPEAT`). Done before the flow state the classes start from is set up, which
+/// the filling would otherwise evict.
+fn fill_tables(dp: &mut Dataplane, ifindex: u32, conn_entries: u32) {
+    let token_insert = Class {
+        prog: loader::PROG_BENCH_TOKEN_INSERT,
+        ..class(
+            "token table",
+            tcp4(CLIENT4, vip4(1), 40000, 80, SYN, &[], &[]),
+            XDP_PASS,
+            0,
+            None,
+        )
+    };
+    for (c, size) in [
+        (
+            class(
+                "IPv4 connection table",
+                tcp4(CLIENT4, vip4(1), 40000, 80, SYN, &[], &[]),
+                XDP_TX,
+                IPV4_SRC,
+                None,
+            ),
+            conn_entries,
+        ),
+        (
+            class(
+                "IPv6 connection table",
+                tcp6(CLIENT6, vip6(4), 40000, 80, SYN, &[], &[]),
+                XDP_REDIRECT,
+                IPV6_SRC_LAST,
+                None,
+            ),
+            conn_entries,
+        ),
+        (token_insert, lb_common::maps::DEFAULT_TOKEN_ENTRIES),
+    ] {
+        let frame = set_frame(dp, &c, 0x8000_0000);
+        let n = size + size / 8;
+        call_n(
+            bench_program(dp, c.prog),
+            &frame,
+            ifindex,
+            c.verdict,
+            c.name,
+            n,
+        );
+    }
 }
 
 fn bench_program<'a>(dp: &'a Dataplane, name: &str) -> &'a Xdp {
@@ -213,6 +299,9 @@ fn main() {
                 })
                 .collect();
 
+        if full_tables() {
+            fill_tables(&mut dp, ifindex, conn_entries);
+        }
         // Flow state the hit and learning classes start from.
         let ack = tcp4(
             CLIENT4,
@@ -548,25 +637,6 @@ fn main() {
         // Each class gets its own range of the varied field, so a "new flow" class never
         // meets entries another class left in the table.
         let span = (calls() as u32 + 2) * repeat();
-        let set = |dp: &mut Dataplane, c: &Class, seq: u32| {
-            set_limits(dp, c.max_conn_rate);
-            let frame = padded(c.frame.clone());
-            let mut bytes = [0u8; BENCH_FRAME];
-            bytes[..frame.len()].copy_from_slice(&frame);
-            let b = BenchFrame {
-                len: frame.len() as u32,
-                vary_off: c.vary_off,
-                relearn: u32::from(c.relearn.is_some()),
-                seq,
-                flow: c.relearn.unwrap_or_default(),
-                bytes,
-            };
-            let mut m: Array<_, BenchFrame> =
-                Array::try_from(dp.ebpf.map_mut(MAP_BENCH).expect("bench map"))
-                    .expect("bench map type");
-            m.set(0, b, 0).expect("bench frame");
-            frame
-        };
         // Calls are interleaved: round after round, every class (and its floor) gets one
         // call, so a drift of the machine's speed during the run (common on a VM) moves
         // all rows alike and the rows stay comparable with each other.
@@ -590,7 +660,7 @@ fn main() {
             if warm {
                 bare.push(t);
             }
-            let frame = set(&mut dp, &reset_class, round * repeat());
+            let frame = set_frame(&mut dp, &reset_class, round * repeat());
             let t = floor(&dp, &frame, reset_class.name);
             if warm {
                 restore.push(t);
@@ -600,9 +670,9 @@ fn main() {
                 // The wrapper's own work for this class: restore its frame, vary it, reset
                 // its flow for relearning, then XDP_PASS. It records nothing, so the
                 // balancer's call then reuses the same range of the varied field.
-                let frame = set(&mut dp, c, seq);
+                let frame = set_frame(&mut dp, c, seq);
                 let f = floor(&dp, &frame, c.name);
-                set(&mut dp, c, seq);
+                set_frame(&mut dp, c, seq);
                 let t = call(
                     bench_program(&dp, c.prog),
                     &frame,
@@ -650,10 +720,15 @@ fn main() {
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "mptcp-lb dataplane: kernel {}, BPF_PROG_TEST_RUN through a resetting wrapper, {} interleaved calls x {} iterations per class",
+        "mptcp-lb dataplane: kernel {}, BPF_PROG_TEST_RUN through a resetting wrapper, {} interleaved calls x {} iterations per class{}",
         kernel.trim(),
         calls(),
-        repeat()
+        repeat(),
+        if full_tables() {
+            "; tables full before the calls (BENCH_FULL): every insert evicts"
+        } else {
+            ""
+        }
     );
     println!(
         "verifier, instructions processed (limit 1,000,000): {}",
@@ -791,6 +866,16 @@ fn main() {
         "(above 125k new connections a second per CPU). Katran run side by side: README.md.",
     ] {
         println!("{line}");
+    }
+    if full_tables() {
+        println!(
+            "BENCH_FULL: the connection tables and the token table were filled past their size \
+             first, as on a busy balancer: every insert evicts an entry (by default they never fill)."
+        );
+    } else {
+        println!(
+            "tables: never full in this run (a busy balancer's are): BENCH_FULL=1 fills them first."
+        );
     }
 }
 
