@@ -170,9 +170,37 @@ fn set_frame(dp: &mut Dataplane, c: &Class, seq: u32) -> Vec<u8> {
 /// `BENCH_FULL`: fills the IPv4 and IPv6 connection tables (`conn_entries` each) and the
 /// token table with 1/8 more new entries than they hold, from a range of the varied
 /// field no class uses (theirs stay below 2^31 at any sane `BENCH_CALLS` and
-/// `BENCH_REPEAT`). Done before the flow state the classes start from is set up, which
-/// the filling would otherwise evict.
+/// `BENCH_REPEAT`), from every CPU in turn: a connection table keeps a list per CPU
+/// (`BPF_F_NO_COMMON_LRU`), so a CPU evicts only once its own share is full. Done
+/// before the flow state the classes start from is set up, which the filling would
+/// otherwise evict.
 fn fill_tables(dp: &mut Dataplane, ifindex: u32, conn_entries: u32) {
+    // SAFETY: a zeroed cpu_set_t that sched_getaffinity fills in for this thread.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the call writes at most size_of_val(&allowed) bytes.
+    let got = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&allowed), &mut allowed) };
+    assert_eq!(got, 0, "sched_getaffinity");
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads the set within its size.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
+        .collect();
+    for (n, &cpu) in cpus.iter().enumerate() {
+        pin_to_cpu(cpu);
+        fill_tables_here(
+            dp,
+            ifindex,
+            conn_entries,
+            0x8000_0000 + n as u32 * 0x0400_0000,
+        );
+    }
+    // SAFETY: the set read above, for this thread; the call only reads it.
+    let set = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&allowed), &allowed) };
+    assert_eq!(set, 0, "sched_setaffinity");
+}
+
+/// [`fill_tables`] on the CPU this thread runs on, from `base` on (each table gets
+/// fewer than 2^26 entries).
+fn fill_tables_here(dp: &mut Dataplane, ifindex: u32, conn_entries: u32, base: u32) {
     let token_insert = Class {
         prog: loader::PROG_BENCH_TOKEN_INSERT,
         ..class(
@@ -206,7 +234,7 @@ fn fill_tables(dp: &mut Dataplane, ifindex: u32, conn_entries: u32) {
         ),
         (token_insert, lb_common::maps::DEFAULT_TOKEN_ENTRIES),
     ] {
-        let frame = set_frame(dp, &c, 0x8000_0000);
+        let frame = set_frame(dp, &c, base);
         let n = size + size / 8;
         call_n(
             bench_program(dp, c.prog),
