@@ -41,7 +41,8 @@ fn calls() -> usize {
         .unwrap_or(30)
 }
 /// Iterations per call (`BENCH_REPEAT`, default 1,000). At the defaults a class makes
-/// 32k new flows at most: the table (1M) never has to evict, unless `BENCH_FULL`.
+/// 32k new flows at most: a table of 1M never has to evict on a host with up to 32 CPUs
+/// (each CPU owns 1/CPUs of a connection table), unless `BENCH_FULL`.
 fn repeat() -> u32 {
     std::env::var("BENCH_REPEAT")
         .ok()
@@ -168,12 +169,12 @@ fn set_frame(dp: &mut Dataplane, c: &Class, seq: u32) -> Vec<u8> {
 }
 
 /// `BENCH_FULL`: fills the IPv4 and IPv6 connection tables (`conn_entries` each) and the
-/// token table with 1/8 more new entries than they hold, from a range of the varied
-/// field no class uses (theirs stay below 2^31 at any sane `BENCH_CALLS` and
-/// `BENCH_REPEAT`), from every CPU in turn: a connection table keeps a list per CPU
-/// (`BPF_F_NO_COMMON_LRU`), so a CPU evicts only once its own share is full. Done
-/// before the flow state the classes start from is set up, which the filling would
-/// otherwise evict.
+/// token table with 1/8 more new entries than they hold, from the upper half of the
+/// varied field's range, which no class uses (theirs stay below 2^31 at any sane
+/// `BENCH_CALLS` and `BENCH_REPEAT`). Every CPU in turn makes its part: a connection
+/// table keeps a list per CPU (`BPF_F_NO_COMMON_LRU`), `1/CPUs` of the entries each, and a
+/// CPU evicts only once its own share is full. Done before the flow state the classes
+/// start from is set up, which the filling would otherwise evict.
 fn fill_tables(dp: &mut Dataplane, ifindex: u32, conn_entries: u32) {
     // SAFETY: a zeroed cpu_set_t that sched_getaffinity fills in for this thread.
     let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -184,13 +185,16 @@ fn fill_tables(dp: &mut Dataplane, ifindex: u32, conn_entries: u32) {
         // SAFETY: CPU_ISSET reads the set within its size.
         .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
         .collect();
+    let stride = 0x8000_0000 / cpus.len() as u32;
     for (n, &cpu) in cpus.iter().enumerate() {
         pin_to_cpu(cpu);
         fill_tables_here(
             dp,
             ifindex,
             conn_entries,
-            0x8000_0000 + n as u32 * 0x0400_0000,
+            0x8000_0000 + n as u32 * stride,
+            cpus.len() as u32,
+            stride,
         );
     }
     // SAFETY: the set read above, for this thread; the call only reads it.
@@ -198,9 +202,16 @@ fn fill_tables(dp: &mut Dataplane, ifindex: u32, conn_entries: u32) {
     assert_eq!(set, 0, "sched_setaffinity");
 }
 
-/// [`fill_tables`] on the CPU this thread runs on, from `base` on (each table gets
-/// fewer than 2^26 entries).
-fn fill_tables_here(dp: &mut Dataplane, ifindex: u32, conn_entries: u32, base: u32) {
+/// This CPU's part of [`fill_tables`]: 1/`cpus` of each table's fill, from `base` on,
+/// within `stride` values of the varied field.
+fn fill_tables_here(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    conn_entries: u32,
+    base: u32,
+    cpus: u32,
+    stride: u32,
+) {
     let token_insert = Class {
         prog: loader::PROG_BENCH_TOKEN_INSERT,
         ..class(
@@ -235,7 +246,11 @@ fn fill_tables_here(dp: &mut Dataplane, ifindex: u32, conn_entries: u32, base: u
         (token_insert, lb_common::maps::DEFAULT_TOKEN_ENTRIES),
     ] {
         let frame = set_frame(dp, &c, base);
-        let n = size + size / 8;
+        let n = (size + size / 8).div_ceil(cpus);
+        assert!(
+            n <= stride,
+            "BENCH_FULL: too many CPUs for the fill's range"
+        );
         call_n(
             bench_program(dp, c.prog),
             &frame,
