@@ -512,6 +512,26 @@ fn a_syn_on_a_known_5_tuple_replaces_its_entry() {
         let (verdict, out) = run_once(dp.program(), &data, ifindex);
         assert_eq!(verdict, XDP_TX);
         assert_eq!(&out[30..34], &MAGLEV_BES[(new.backend - 5) as usize]);
+
+        // The same in the IPv6 table, through a VIP of the same service.
+        dp.add_vip(v6(vip6(9)), 80, 6, 5).expect("vip");
+        let key = key6(CLIENT6, vip6(9), 50003, 80);
+        let syn = tcp6(CLIENT6, vip6(9), 50003, 80, SYN, &[], &[]);
+        let (verdict, _) = run_once(dp.program(), &syn, ifindex);
+        assert_ne!(verdict, XDP_DROP);
+        let old = dp.maps.conns.get(&key).expect("conn");
+        let rest: Vec<maglev::Member> = rest.into_iter().filter(|m| m.id != old.backend).collect();
+        dp.set_ring(5, &rest).expect("ring");
+        let entries = dp.maps.conns.len();
+        let (again, out) = run_once(dp.program(), &syn, ifindex);
+        assert_eq!(again, verdict);
+        let new = dp.maps.conns.get(&key).expect("conn");
+        assert_eq!(
+            new.backend, rest[0].id,
+            "the new connection follows the ring"
+        );
+        assert_eq!(&out[30..34], &MAGLEV_BES[(new.backend - 5) as usize]);
+        assert_eq!(dp.maps.conns.len(), entries, "one entry for the 5-tuple");
     });
 }
 
