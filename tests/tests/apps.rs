@@ -127,6 +127,7 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
         let dir = base.join(format!("be{}", i + 1));
         std::fs::create_dir_all(dir.join("tmp")).expect("dir");
         servers.push(nginx(be, &dir, &format!("be{}", i + 1)));
+        let log = dir.join("iperf3.log");
         servers.push(be.spawn_detached(&[
             "mptcpize",
             "run",
@@ -134,6 +135,9 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
             "-s",
             "-p",
             &IPERF.to_string(),
+            "--logfile",
+            log.to_str().expect("path"),
+            "--forceflush",
         ]));
     }
     // Both services are checked on nginx's port: an iperf3 server takes every connection
@@ -240,19 +244,21 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
         tb.client
             .run(&["ip", "mptcp", "endpoint", "change", "id", id, "backup"]);
     }
-    for be in &tb.backends {
-        wait_until(
-            Duration::from_secs(10),
-            "the iperf3 servers to listen",
-            || {
-                let out = be.try_run(&["ss", "-Hltn", &format!("sport = :{IPERF}")]);
-                (!out.stdout.is_empty()).then_some(())
-            },
-        );
-    }
     let before: Vec<HashMap<String, u64>> = tb.backends.iter().map(mptcp_counters).collect();
     for vip in [VIP4.to_string(), VIP6.to_string()] {
         for _ in 0..IPERF_RUNS {
+            // An iperf3 server closes its listening socket when a test ends and opens a
+            // new one for the next: a client that connects in between is refused (seen
+            // once in CI). Each run waits until every server listens for a new test.
+            wait_until(
+                Duration::from_secs(10),
+                "the iperf3 servers to listen for a new test",
+                || {
+                    (1..=tb.backends.len())
+                        .all(|i| iperf_ready(&base.join(format!("be{i}/iperf3.log"))))
+                        .then_some(())
+                },
+            );
             let out = tb.client.try_run(&[
                 "mptcpize",
                 "run",
@@ -312,4 +318,12 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
         let _ = s.wait();
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Whether the iperf3 server logging to `log` listens for a new test: it writes "Server
+/// listening on PORT (test #N)" once its listening socket is open again, and "Accepted
+/// connection from ..." when a test's control connection arrives.
+fn iperf_ready(log: &std::path::Path) -> bool {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.matches("Server listening on").count() > text.matches("Accepted connection from").count()
 }
