@@ -123,6 +123,7 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
     let base = PathBuf::from("/tmp/mlb-app");
     let _ = std::fs::remove_dir_all(&base);
     let mut servers: Vec<Child> = Vec::new();
+    let mut iperf_logs: Vec<PathBuf> = Vec::new();
     for (i, be) in tb.backends.iter().enumerate() {
         let dir = base.join(format!("be{}", i + 1));
         std::fs::create_dir_all(dir.join("tmp")).expect("dir");
@@ -139,6 +140,7 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
             log.to_str().expect("path"),
             "--forceflush",
         ]));
+        iperf_logs.push(log);
     }
     // Both services are checked on nginx's port: an iperf3 server takes every connection
     // for a test's control connection, and a check's connect-and-close would break the
@@ -253,11 +255,7 @@ fn nginx_curl_and_iperf3_under_mptcpize() {
             wait_until(
                 Duration::from_secs(10),
                 "the iperf3 servers to listen for a new test",
-                || {
-                    (1..=tb.backends.len())
-                        .all(|i| iperf_ready(&base.join(format!("be{i}/iperf3.log"))))
-                        .then_some(())
-                },
+                || iperf_logs.iter().all(|log| iperf_ready(log)).then_some(()),
             );
             let out = tb.client.try_run(&[
                 "mptcpize",
