@@ -91,9 +91,10 @@ counters! {
     /// An MP_CAPABLE SYN on a flow that learned its token moments ago: the entry and its
     /// token are kept, the SYN follows them (a forgery, or a stray duplicate).
     SynOnLearnedFlow = "syn_on_learned_flow",
-    /// A token could not be written to the token table (the kernel refused the insert):
-    /// the connection's joins follow the unknown-token policy.
-    TokenInsertFailed = "token_insert_failed",
+    /// A token learned into a full bucket of the token table pushed out the live token
+    /// seen least recently there (whose joins then follow the unknown-token policy): the
+    /// table is too small for the connections, or a flood of handshakes is turning it.
+    TokenEvicted = "token_evicted",
     /// An ICMP "fragmentation needed" / "packet too big" to a VIP quoting a VIP flow's
     /// packet (a backend's direct reply too big for a link to the client): sent to that
     /// flow's backend, so path MTU discovery works.

@@ -8,3 +8,4 @@ pub mod hash;
 pub mod maps;
 pub mod mptcp;
 pub mod packet;
+pub mod tokens;

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -41,7 +41,9 @@ pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 /// Local addresses the decapsulation program accepts tunnels for.
 pub const MAP_DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
-/// MPTCP token → [`TokenEntry`] (LRU, shared across CPUs).
+/// MPTCP token → its connection's backend: an array of
+/// [`crate::tokens::TokenBucket`]s, set-associative (see [`crate::tokens`]), shared across
+/// CPUs and mmapable (the host reads and writes single slots in place).
 pub const MAP_TOKENS: &str = "LB_TOKENS";
 /// Next hop per backend, per CPU: what the last route lookup said (cache).
 pub const MAP_NEXTHOPS: &str = "LB_NEXTHOPS";
@@ -150,7 +152,9 @@ pub struct Config {
     /// Which of the two VIP tables in [`MAP_VIP_SLOTS`] is live (0 or 1). The controller
     /// writes the other one, then switches.
     pub vip_table: u32,
-    pub _pad: u32,
+    /// Buckets of the token table minus one (a power of two minus one), which the
+    /// controller writes from the table it created.
+    pub token_mask: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 64);
 
@@ -434,14 +438,14 @@ impl Conn {
     }
 }
 
-/// What the balancer knows of a learned MPTCP token.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+/// What the balancer knows of a learned MPTCP token, as the host reads it from its slot
+/// ([`crate::tokens::TokenSlot`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenEntry {
     pub backend: u32,
     pub service: u32,
-    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, tick resolution) when it was learned
-    /// and last refreshed.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC) when it was learned and last
+    /// refreshed, to the slot stamps' resolution ([`crate::tokens::STAMP_NS`]).
     pub learned_ns: u64,
     pub last_seen_ns: u64,
     /// MPTCP version the token was derived for (0 = SHA-1, 1 = SHA-256).
@@ -450,7 +454,6 @@ pub struct TokenEntry {
     /// [`TOKEN_FROM_BACKEND`] (announced by the backend, the authority on its tokens).
     pub origin: u32,
 }
-const _: () = assert!(core::mem::size_of::<TokenEntry>() == 32);
 /// [`TokenEntry::origin`]: learned in the dataplane from the client's handshake.
 pub const TOKEN_FROM_CLIENT: u32 = 0;
 /// [`TokenEntry::origin`]: announced by the backend's agent.
@@ -632,7 +635,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AddrKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::TokenEntry {}
+    unsafe impl aya::Pod for crate::tokens::TokenBucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BenchFrame {}
     // SAFETY: as above.

@@ -331,7 +331,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                 }
                 // Not a restart of learning for a flow that just learned: its entry and
                 // token stay, and the SYN follows them.
-                if let Some(id) = mptcp::learned_recently(&key) {
+                if let Some(id) = mptcp::learned_recently(&key, cfg) {
                     count(Counter::SynOnLearnedFlow);
                     backend_id = id;
                 }
@@ -387,7 +387,7 @@ pub fn balance(ctx: &XdpContext) -> u32 {
                     if c.refresh_due(jiffies) {
                         // SAFETY: conn is the live map value read above.
                         unsafe { (*conn).flags = c.refreshed_flags(jiffies) };
-                        mptcp::refresh(token, c.backend);
+                        mptcp::refresh(token, c.backend, cfg);
                     }
                 } else if c.flags & (CONN_MPTCP | CONN_TOKEN_DONE) == CONN_MPTCP
                     && cfg.flags & CONFIG_NO_MPTCP == 0

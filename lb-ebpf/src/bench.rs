@@ -3,17 +3,18 @@
 //! its own output. These wrappers restore the original frame from `LB_BENCH` first.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
-    helpers::generated::bpf_xdp_adjust_head,
+    bindings::xdp_action,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{BENCH_FRAME, CONN_MPTCP, TOKEN_FROM_CLIENT, TokenEntry},
+    maps::{BENCH_FRAME, CONN_MPTCP, TOKEN_FROM_CLIENT},
     mptcp,
+    tokens::TokenId,
 };
 
 use crate::{
-    maps::{BENCH, CONNS4, OPTION_SCRATCH, TOKENS},
+    maps::{BENCH, CONFIG, CONNS4, OPTION_SCRATCH},
     parse::ptr_at,
 };
 
@@ -121,16 +122,20 @@ pub fn token_insert_only(ctx: &XdpContext) -> u32 {
     let Some(seq) = seq() else {
         return xdp_action::XDP_ABORTED;
     };
-    let entry = TokenEntry {
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let id = TokenId {
+        token: seq.wrapping_mul(0x9e37_79b9),
         backend: 1,
         service: 1,
-        learned_ns: 1,
-        last_seen_ns: 1,
         version: 1,
         origin: TOKEN_FROM_CLIENT,
     };
-    match TOKENS.insert(seq.wrapping_mul(0x9e37_79b9), entry, BPF_NOEXIST as u64) {
-        Ok(()) => xdp_action::XDP_PASS,
-        Err(_) => xdp_action::XDP_ABORTED,
+    // SAFETY: plain helper call (learning reads the same clock).
+    let t = unsafe { bpf_ktime_get_coarse_ns() };
+    match crate::mptcp::store(ctx, id, t, cfg) {
+        crate::mptcp::Stored::New => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_ABORTED,
     }
 }

@@ -3,7 +3,7 @@
 //! lacks one.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -11,6 +11,7 @@ use lb_common::{
     counters::{COUNTER_SLOTS, Counter},
     maps::*,
     mptcp::OPTION_BUF,
+    tokens::TokenBucket,
 };
 
 /// Run-time settings (seed, ring size, outer sources).
@@ -104,11 +105,15 @@ pub fn conn_insert(key: &FlowKey, conn: Conn) {
 }
 
 /// MPTCP tokens learned from handshakes → the backend that owns the connection.
-/// Shared: a join arrives on whatever CPU its new 5-tuple hashes to. LRU-bounded, so a
-/// flood of handshakes evicts the oldest entries instead of exhausting memory.
+/// Shared: a join arrives on whatever CPU its new 5-tuple hashes to. Set-associative
+/// ([`lb_common::tokens`]): bounded, a flood of handshakes pushes out the tokens seen
+/// least recently in their buckets. Mmapable: the host reads and writes slots in place.
+/// Sized by the loader.
 #[map(name = "LB_TOKENS")]
-pub static TOKENS: LruHashMap<u32, TokenEntry> =
-    LruHashMap::with_max_entries(DEFAULT_TOKEN_ENTRIES, 0);
+pub static TOKENS: Array<TokenBucket> = Array::with_max_entries(
+    lb_common::tokens::buckets_for(DEFAULT_TOKEN_ENTRIES),
+    BPF_F_MMAPABLE,
+);
 
 /// Route lookups per backend, per CPU, reused for NEXTHOP_TTL_JIFFIES: a FIB lookup per
 /// packet costs more than the rest of the fast path.

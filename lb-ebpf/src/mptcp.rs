@@ -1,14 +1,13 @@
 //! MPTCP subflow affinity: learn each connection's token from the server key the client
 //! echoes, and send every MP_JOIN SYN carrying it to the connection's backend.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
-};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     counters::Counter,
     maps::*,
     mptcp::{self, MptcpOption},
     packet::TCP_MIN_HLEN,
+    tokens::{self, Place, TokenBucket, TokenId},
 };
 
 use aya_log_ebpf::debug;
@@ -18,7 +17,9 @@ use crate::{
     maps::{BACKENDS, OPTION_SCRATCH, TOKENS, conn_get, count},
     parse::{Packet, ptr_at},
 };
-use core::ptr::{read_unaligned, write_unaligned};
+use core::ptr::{
+    addr_of, addr_of_mut, read_unaligned, read_volatile, write_unaligned, write_volatile,
+};
 
 /// The MPTCP option of a TCP packet, if it has one.
 #[inline(always)]
@@ -140,58 +141,131 @@ pub fn learn(ctx: &XdpContext, pkt: &Packet, cfg: &Config, conn: *mut Conn) {
         // only; the option bytes in it are no longer needed (the key is a copy).
         mptcp::token_v1_in(key, unsafe { &mut *(scratch as *mut [u32; 16]) })
     };
-    let entry = TokenEntry {
+    let id = TokenId {
+        token,
         backend: c.backend,
         service: c.service,
-        learned_ns: t,
-        last_seen_ns: t,
         version: version as u32,
         origin: TOKEN_FROM_CLIENT,
     };
-    // The common case, a token nobody holds, costs one insert: BPF_NOEXIST fails only
-    // when the token is already there. Two CPUs may run this for one flow at once (its
-    // third ACK and first data segment); both derive the same token for the same
-    // backend, and only the one whose insert wins counts it.
-    // Whether the table now holds the token for this flow's backend: the flow entry
-    // records the token only then (a token in no table would be refreshed in vain).
-    let mut owned = true;
-    if TOKENS.insert(token, entry, BPF_NOEXIST as u64).is_ok() {
-        count_learned(version);
-    } else if let Some(e) = TOKENS.get_ptr_mut(token) {
-        // SAFETY: a live map value.
-        let e = unsafe { &mut *e };
-        if e.backend == c.backend {
-            e.last_seen_ns = t;
-        } else if t.saturating_sub(e.last_seen_ns) < idle_ns(cfg) {
-            // Live for another backend: keep it (a forged or colliding handshake must
-            // not redirect another connection's joins).
-            count(Counter::TokenCollision);
-            if may_log() {
-                debug!(
-                    ctx,
-                    "token {:x} learned for backend {} is live for backend {}: kept there",
-                    token,
-                    c.backend,
-                    e.backend
-                );
-            }
-            owned = false;
-        } else if TOKENS.insert(token, entry, 0).is_ok() {
-            // Another backend's entry that went idle is replaced.
+    // Two CPUs may run this for one flow at once (its third ACK and first data segment):
+    // both derive the same token for the same backend, and may both write it (the same
+    // slot, or two slots of its bucket, one of which the bucket later reuses). The flow
+    // entry records the token only if the table now holds it for this flow's backend (a
+    // token in no table would be refreshed in vain).
+    let owned = match store(ctx, id, t, cfg) {
+        Stored::New => {
             count_learned(version);
-        } else {
-            insert_failed(ctx, token);
-            owned = false;
+            true
         }
-    } else if TOKENS.insert(token, entry, BPF_NOEXIST as u64).is_ok() {
-        // Removed between the two calls (expired, or evicted): inserted after all.
-        count_learned(version);
-    } else {
-        insert_failed(ctx, token);
-        owned = false;
-    }
+        Stored::Held => true,
+        Stored::Kept => false,
+    };
     // SAFETY: as above.
     unsafe { conclude(conn, c.flags, if owned { token } else { 0 }) };
+}
+
+/// What [`store`] did.
+pub enum Stored {
+    /// Written: the token was in no live slot of its bucket (a full bucket gave up the
+    /// slot seen least recently, counted).
+    New,
+    /// The token was there for the same backend: seen again.
+    Held,
+    /// The token is live for another backend: kept there (a forged or colliding
+    /// handshake must not redirect another connection's joins).
+    Kept,
+}
+
+/// The bucket of `token` in the token table, if the table has it (it has, unless the
+/// controller has not written the table's size yet).
+#[inline(always)]
+fn bucket(token: u32, cfg: &Config) -> Option<*mut TokenBucket> {
+    TOKENS.get_ptr_mut(tokens::bucket_of(token, cfg.token_mask))
+}
+
+/// Slot `i`'s identity word, read at once.
+///
+/// # Safety
+/// `b` points at a live token-table value; `i` < TOKEN_WAYS.
+#[inline(always)]
+unsafe fn ident(b: *mut TokenBucket, i: usize) -> u64 {
+    // SAFETY: the caller's promise.
+    unsafe { read_volatile(addr_of!((*b).slots[i].ident)) }
+}
+
+/// Slot `i`'s `seen` stamp. # Safety: as [`ident`].
+#[inline(always)]
+unsafe fn seen(b: *mut TokenBucket, i: usize) -> u32 {
+    // SAFETY: the caller's promise.
+    unsafe { read_volatile(addr_of!((*b).slots[i].seen)) }
+}
+
+/// Writes identity word `id` into slot `i`, learned and seen at `t`: stamps first, the identity last, so
+/// that a reader that finds the token finds its stamps. # Safety: as [`ident`].
+#[inline(always)]
+unsafe fn write_slot(b: *mut TokenBucket, i: usize, id: u64, t: u64) {
+    let s = tokens::stamp(t);
+    // SAFETY: the caller's promise.
+    unsafe {
+        write_volatile(addr_of_mut!((*b).slots[i].learned), s);
+        write_volatile(addr_of_mut!((*b).slots[i].seen), s);
+        write_volatile(addr_of_mut!((*b).slots[i].ident), id);
+    }
+}
+
+/// Puts token `id` in the table at time `t`, as learning does.
+#[inline(always)]
+pub fn store(ctx: &XdpContext, id: TokenId, t: u64, cfg: &Config) -> Stored {
+    let Some(b) = bucket(id.token, cfg) else {
+        return Stored::Kept;
+    };
+    let idle = idle_ns(cfg);
+    // SAFETY: b is a live map value; place reads slots below TOKEN_WAYS.
+    let place = tokens::place(id.token, t, idle, |i| unsafe { (ident(b, i), seen(b, i)) });
+    let i = match place {
+        Place::Held(i) => {
+            // SAFETY: as above, i below TOKEN_WAYS.
+            let (held, last) = unsafe { (ident(b, i), seen(b, i)) };
+            if tokens::ident_backend(held) == id.backend {
+                // SAFETY: as above.
+                unsafe { write_volatile(addr_of_mut!((*b).slots[i].seen), tokens::stamp(t)) };
+                return Stored::Held;
+            }
+            if tokens::age_ns(t, last) < idle {
+                count(Counter::TokenCollision);
+                if may_log() {
+                    debug!(
+                        ctx,
+                        "token {:x} learned for backend {} is live for backend {}: kept there",
+                        id.token,
+                        id.backend,
+                        tokens::ident_backend(held)
+                    );
+                }
+                return Stored::Kept;
+            }
+            // Another backend's entry that went idle is replaced.
+            i
+        }
+        Place::Free(i) => i,
+        Place::Evict(i) => {
+            count(Counter::TokenEvicted);
+            i
+        }
+    };
+    // SAFETY: as above, i below TOKEN_WAYS.
+    unsafe { write_slot(b, i, id.pack(), t) };
+    Stored::New
+}
+
+/// The identity and `learned`/`seen` stamps of `token`'s slot, if the table holds it.
+#[inline(always)]
+fn lookup(token: u32, cfg: &Config) -> Option<(*mut TokenBucket, usize, u64)> {
+    let b = bucket(token, cfg)?;
+    // SAFETY: b is a live map value, indices below TOKEN_WAYS.
+    let (i, id) = tokens::find(token, |i| unsafe { ident(b, i) })?;
+    Some((b, i, id))
 }
 
 /// Ends learning for the flow at `conn`: `token` (0 for none) replaces what the token
@@ -209,14 +283,6 @@ unsafe fn conclude(conn: *mut Conn, flags: u32, token: u32) {
 }
 
 #[inline(always)]
-fn insert_failed(ctx: &XdpContext, token: u32) {
-    count(Counter::TokenInsertFailed);
-    if may_log() {
-        debug!(ctx, "token {:x}: the token table refused the insert", token);
-    }
-}
-
-#[inline(always)]
 fn count_learned(version: u8) {
     count(if version == 0 {
         Counter::TokenLearnedV0
@@ -228,13 +294,16 @@ fn count_learned(version: u8) {
 /// Traffic on any subflow keeps its connection's token alive (at most one write a second;
 /// the caller looks the token up only a few times a second per flow, `Conn::refresh_due`).
 #[inline(always)]
-pub fn refresh(token: u32, backend: u32) {
-    if let Some(e) = TOKENS.get_ptr_mut(token) {
+pub fn refresh(token: u32, backend: u32, cfg: &Config) {
+    if let Some((b, i, id)) = lookup(token, cfg) {
         let t = now();
-        // SAFETY: a live map value.
-        let e = unsafe { &mut *e };
-        if e.backend == backend && t.saturating_sub(e.last_seen_ns) > TOKEN_REFRESH_NS {
-            e.last_seen_ns = t;
+        // SAFETY: a live map value, i below TOKEN_WAYS.
+        unsafe {
+            if tokens::ident_backend(id) == backend
+                && tokens::age_ns(t, seen(b, i)) > TOKEN_REFRESH_NS
+            {
+                write_volatile(addr_of_mut!((*b).slots[i].seen), tokens::stamp(t));
+            }
         }
     }
 }
@@ -243,15 +312,18 @@ pub fn refresh(token: u32, backend: u32) {
 /// [`RELEARN_HOLDOFF_NS`] ago and that backend still owns it: an MP_CAPABLE SYN on it then
 /// keeps the entry rather than restart learning.
 #[inline(always)]
-pub fn learned_recently(key: &FlowKey) -> Option<u32> {
+pub fn learned_recently(key: &FlowKey, cfg: &Config) -> Option<u32> {
     let c = conn_get(key)?;
     let token = c.known_token()?;
     if c.flags & CONN_JOIN != 0 {
         return None;
     }
-    // SAFETY: TokenEntry is Copy and read at once.
-    let e = unsafe { TOKENS.get(token) }.copied()?;
-    if e.backend != c.backend || now().saturating_sub(e.learned_ns) >= RELEARN_HOLDOFF_NS {
+    let (b, i, id) = lookup(token, cfg)?;
+    // SAFETY: a live map value, i below TOKEN_WAYS.
+    let learned = unsafe { read_volatile(addr_of!((*b).slots[i].learned)) };
+    if tokens::ident_backend(id) != c.backend
+        || tokens::age_ns(now(), learned) >= RELEARN_HOLDOFF_NS
+    {
         return None;
     }
     match BACKENDS.get(c.backend) {
@@ -262,29 +334,30 @@ pub fn learned_recently(key: &FlowKey) -> Option<u32> {
 
 /// The backend that owns `token` in `service`, if the token is live and the backend takes
 /// joins (draining counts: its connections keep their joins; out of service does not).
+/// An idle token's slot stays until a token of its bucket reuses it.
 #[inline(always)]
 pub fn owner(ctx: &XdpContext, token: u32, service: u32, cfg: &Config) -> Option<u32> {
-    // SAFETY: TokenEntry is Copy and read at once.
-    let e = unsafe { TOKENS.get(token) }.copied()?;
-    // Saturating: the daemon stamps the tokens the backends announce with the precise
-    // clock, which may run up to a tick ahead of this coarse one; such a token is fresh.
-    if now().saturating_sub(e.last_seen_ns) >= idle_ns(cfg) {
+    let (b, i, id) = lookup(token, cfg)?;
+    // SAFETY: a live map value, i below TOKEN_WAYS.
+    if tokens::age_ns(now(), unsafe { seen(b, i) }) >= idle_ns(cfg) {
         count(Counter::TokenExpired);
-        let _ = TOKENS.remove(token);
         return None;
     }
-    if e.service != service {
+    // Fields read from the word (no TokenId on the stack: the verifier refuses the
+    // misaligned stores the compiler makes of one).
+    if tokens::ident_service(id) != service {
         return None;
     }
-    match BACKENDS.get(e.backend) {
-        Some(b) if b.flags & BACKEND_TAKES_JOINS != 0 => Some(e.backend),
+    let backend = tokens::ident_backend(id);
+    match BACKENDS.get(backend) {
+        Some(b) if b.flags & BACKEND_TAKES_JOINS != 0 => Some(backend),
         _ => {
             if may_log() {
                 debug!(
                     ctx,
                     "join for token {:x}: its backend {} is out of service or removed",
                     token,
-                    e.backend
+                    backend
                 );
             }
             None

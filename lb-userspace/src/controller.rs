@@ -185,9 +185,10 @@ pub fn dataplane_config(cfg: &FileConfig) -> Config {
         token_idle_ns: b.token_idle_secs.saturating_mul(1_000_000_000),
         max_conn_rate: b.max_conn_rate,
         max_learn_rate: b.max_learn_rate,
-        // Set by `Dataplane::set_config`, which knows which VIP table is live.
+        // Set by `Dataplane::set_config`, which knows which VIP table is live and how
+        // big the token table is.
         vip_table: 0,
-        _pad: 0,
+        token_mask: 0,
     }
 }
 
@@ -682,19 +683,7 @@ impl Controller {
 
     /// Deletes the tokens learned for backend `id`. Returns how many.
     fn drop_tokens(&mut self, id: u32) -> anyhow::Result<usize> {
-        let mut doomed = Vec::new();
-        for entry in self.dp.maps.tokens.iter() {
-            match entry {
-                Ok((token, e)) if e.backend == id => doomed.push(token),
-                Ok(_) => {}
-                // An entry evicted while we walk: skip it.
-                Err(_) => {}
-            }
-        }
-        for t in &doomed {
-            let _ = self.dp.maps.tokens.remove(t);
-        }
-        Ok(doomed.len())
+        Ok(self.dp.maps.tokens.remove_if(|t| t.backend == id))
     }
 
     /// Sets or clears `bits` of backend `id`, then rewrites what depends on them. If a
@@ -889,10 +878,10 @@ impl Controller {
             .balancer
             .token_idle_secs
             .saturating_mul(1_000_000_000);
-        let old = self.dp.maps.tokens.get(&e.token, 0).ok();
+        let old = self.dp.maps.tokens.get(e.token);
         if !e.live {
             if old.is_some_and(|o| o.backend == id) {
-                let _ = self.dp.maps.tokens.remove(&e.token);
+                self.dp.maps.tokens.remove(e.token);
                 return Announced::Removed;
             }
             return Announced::Unchanged;
@@ -914,14 +903,15 @@ impl Controller {
             version: e.version as u32,
             origin: TOKEN_FROM_BACKEND,
         };
-        match self.dp.maps.tokens.insert(e.token, entry, 0) {
-            Ok(()) => Announced::Applied,
-            Err(err) => {
-                tracing::warn!(
+        match self.dp.maps.tokens.set(e.token, &entry, idle) {
+            None => Announced::Applied,
+            Some(evicted) => {
+                tracing::debug!(
                     token = format!("{:08x}", e.token),
-                    "token table refused an announced token: {err}"
+                    evicted = format!("{evicted:08x}"),
+                    "announced token took the slot of the token seen least recently in its bucket"
                 );
-                Announced::InsertFailed
+                Announced::AppliedEvicting
             }
         }
     }
@@ -956,7 +946,9 @@ pub enum Announced {
     /// The announcing backend is not one of that service's.
     NotItsBackend,
     OutOfService,
-    InsertFailed,
+    /// Written, in the slot of the live token seen least recently in its bucket (the
+    /// token table is full there).
+    AppliedEvicting,
 }
 
 impl Announced {
@@ -969,7 +961,7 @@ impl Announced {
         Announced::NotLearning,
         Announced::NotItsBackend,
         Announced::OutOfService,
-        Announced::InsertFailed,
+        Announced::AppliedEvicting,
     ];
 
     pub fn label(self) -> &'static str {
@@ -982,7 +974,7 @@ impl Announced {
             Announced::NotLearning => "service_not_learning",
             Announced::NotItsBackend => "not_its_backend",
             Announced::OutOfService => "backend_out_of_service",
-            Announced::InsertFailed => "insert_failed",
+            Announced::AppliedEvicting => "applied_evicting",
         }
     }
 }

@@ -15,6 +15,7 @@ use aya::{
 use lb_common::{
     counters::{COUNTER_COUNT, Counter},
     maps::*,
+    tokens::buckets_for,
 };
 
 use crate::{loader, maglev, pins};
@@ -51,7 +52,7 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
     pub conns: ConnTables,
-    pub tokens: HashMap<MapData, u32, TokenEntry>,
+    pub tokens: crate::token_table::TokenTable,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, Traffic>,
     pub backend_stats: PerCpuArray<MapData, Traffic>,
@@ -104,7 +105,8 @@ impl Maps {
                 v4: typed(g, MAP_CONNS4)?,
                 v6: typed(g, MAP_CONNS)?,
             },
-            tokens: typed(g, MAP_TOKENS)?,
+            tokens: crate::token_table::TokenTable::try_from(g(MAP_TOKENS)?)
+                .with_context(|| format!("map {MAP_TOKENS}"))?,
             stats: typed(g, MAP_STATS)?,
             service_stats: typed(g, MAP_SERVICE_STATS)?,
             backend_stats: typed(g, MAP_BACKEND_STATS)?,
@@ -375,7 +377,7 @@ impl Dataplane {
             .map_max_entries(MAP_MAGLEV, MAX_SERVICES * sizes.ring_size)
             .map_max_entries(MAP_CONNS4, sizes.conn_entries)
             .map_max_entries(MAP_CONNS, sizes.conn6_entries)
-            .map_max_entries(MAP_TOKENS, sizes.token_entries);
+            .map_max_entries(MAP_TOKENS, buckets_for(sizes.token_entries));
         if let Some(root) = root {
             let dir = pins::layout_dir(root);
             for spec in pins::specs(&sizes) {
@@ -391,7 +393,12 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("the verifier refused the balancer program")?;
-        let maps = Maps::take_from(&mut ebpf)?;
+        let mut maps = Maps::take_from(&mut ebpf)?;
+        // The token table's size, for the dataplane to index it, before any packet: a
+        // fresh config is otherwise all zero until the controller writes one.
+        let mut cfg = maps.config.get(&0, 0).context("reading LB_CONFIG")?;
+        cfg.token_mask = maps.tokens.buckets() - 1;
+        maps.config.set(0, cfg, 0).context("writing LB_CONFIG")?;
         // Adopted pins: the tables as the previous process left them.
         let vip_live = maps.config.get(&0, 0).map_or(0, |c| c.vip_table & 1);
         let read = |half: u32| -> anyhow::Result<VipTable> {
@@ -483,6 +490,7 @@ impl Dataplane {
         let mut cfg = self.maps.config.get(&0, 0).context("reading LB_CONFIG")?;
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = next;
+        cfg.token_mask = self.maps.tokens.buckets() - 1;
         self.maps
             .config
             .set(0, cfg, 0)
@@ -547,6 +555,7 @@ impl Dataplane {
     pub fn set_config(&mut self, mut cfg: Config) -> anyhow::Result<()> {
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = self.vip_live;
+        cfg.token_mask = self.maps.tokens.buckets() - 1;
         self.maps.config.set(0, cfg, 0).context("writing LB_CONFIG")
     }
 
@@ -593,16 +602,7 @@ impl Dataplane {
         for k in &flows {
             let _ = self.maps.conns.remove(k);
         }
-        let mut tokens = std::collections::HashSet::new();
-        for entry in self.maps.tokens.iter() {
-            let (t, e) = entry.context("walking LB_TOKENS")?;
-            if ids.contains(&e.backend) {
-                tokens.insert(t);
-            }
-        }
-        for t in &tokens {
-            let _ = self.maps.tokens.remove(t);
-        }
+        let tokens = self.maps.tokens.remove_if(|t| ids.contains(&t.backend));
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         for id in ids {
             let stale = PerCpuValues::try_from(vec![NextHop::default(); cpus])
@@ -612,7 +612,7 @@ impl Dataplane {
                 .set(*id, stale, 0)
                 .with_context(|| format!("clearing the next-hop cache of backend {id}"))?;
         }
-        Ok((flows.len(), tokens.len()))
+        Ok((flows.len(), tokens))
     }
 
     /// Adds a VIP of `service`, with the address-only marker that makes the dataplane
@@ -730,9 +730,9 @@ impl Dataplane {
         self.maps.conns.len()
     }
 
-    /// Learned tokens (a walk over the token table's keys).
+    /// Tokens in the token table (a pass over its memory).
     pub fn token_entries(&self) -> usize {
-        entries(&self.maps.tokens)
+        self.maps.tokens.len()
     }
 
     /// Packets and bytes a backend was sent, summed over CPUs.

@@ -560,8 +560,7 @@ pub fn tokens(p: &Pinned, f: &Filter) -> anyhow::Result<Vec<TokenRow>> {
     let (mono, unix) = (monotonic_ns(), crate::controller::unix_ns());
     let to_unix = |ns: u64| unix.saturating_sub(mono.saturating_sub(ns)) / 1_000_000_000;
     let mut rows = Vec::new();
-    for entry in p.tokens.iter() {
-        let Ok((t, e)) = entry else { continue };
+    for (t, e) in p.tokens.iter() {
         let service = names.get(&e.service).cloned().unwrap_or_default();
         let backend = backends.get(&e.backend).map(|(a, _)| *a);
         if f.service.as_ref().is_some_and(|s| *s != service)

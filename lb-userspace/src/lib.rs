@@ -21,3 +21,4 @@ pub mod metrics;
 pub mod mptcp_diag;
 pub mod pins;
 pub mod privileges;
+pub mod token_table;

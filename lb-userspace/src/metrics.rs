@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use lb_common::maps::{MAP_CONNS, MAP_CONNS4, MAP_TOKENS, TokenEntry};
+use lb_common::maps::{MAP_CONNS, MAP_CONNS4, MAP_TOKENS};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -38,7 +38,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// walks them without holding the controller (health changes and reloads go on).
 pub struct TableCounter {
     conns: crate::dataplane::ConnTables,
-    tokens: HashMap<MapData, u32, TokenEntry>,
+    tokens: crate::token_table::TokenTable,
 }
 
 impl TableCounter {
@@ -56,13 +56,13 @@ impl TableCounter {
                 v4: HashMap::try_from(open(MAP_CONNS4)?)?,
                 v6: HashMap::try_from(open(MAP_CONNS)?)?,
             },
-            tokens: HashMap::try_from(open(MAP_TOKENS)?)?,
+            tokens: crate::token_table::TokenTable::try_from(open(MAP_TOKENS)?)?,
         })
     }
 
     /// (connection entries, token entries), each a walk over the table's keys.
     pub fn count(&self) -> (usize, usize) {
-        (self.conns.len(), crate::dataplane::entries(&self.tokens))
+        (self.conns.len(), self.tokens.len())
     }
 }
 

@@ -8,7 +8,11 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
-use lb_common::{counters::COUNTER_SLOTS, maps::*};
+use lb_common::{
+    counters::COUNTER_SLOTS,
+    maps::*,
+    tokens::{TokenBucket, buckets_for},
+};
 
 use crate::dataplane::Sizes;
 
@@ -108,10 +112,10 @@ pub fn specs(sizes: &Sizes) -> Vec<MapSpec> {
         ),
         spec(
             MAP_TOKENS,
-            MapType::LruHash,
+            MapType::Array,
             4,
-            size::<TokenEntry>(),
-            sizes.token_entries,
+            size::<TokenBucket>(),
+            buckets_for(sizes.token_entries),
         ),
         spec(
             MAP_NEXTHOPS,

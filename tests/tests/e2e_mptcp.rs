@@ -156,12 +156,12 @@ fn every_subflow_reaches_its_connections_backend() {
         let e = dp
             .maps
             .tokens
-            .get(token, 0)
-            .unwrap_or_else(|_| panic!("token {token:08x} not learned"));
+            .get(*token)
+            .unwrap_or_else(|| panic!("token {token:08x} not learned"));
         assert_eq!(e.backend as usize, *backend, "token {token:08x}");
     }
     let c = |k| dp.counter(k).expect("counter");
-    let learned: HashSet<u32> = dp.maps.tokens.keys().map(|k| k.expect("token")).collect();
+    let learned: HashSet<u32> = dp.maps.tokens.iter().map(|(k, _)| k).collect();
     let servers_set: HashSet<u32> = server_tokens.keys().copied().collect();
     assert_eq!(
         learned, servers_set,

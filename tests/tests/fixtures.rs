@@ -7,6 +7,7 @@ use lb_common::{
     counters::Counter,
     hash::flow_hash,
     maps::{Config, FlowKey},
+    tokens::STAMP_NS,
 };
 use lb_userspace::{
     dataplane::{Dataplane, addr_words},
@@ -742,7 +743,7 @@ fn the_bench_part_programs_do_the_work_they_measure() {
         assert_eq!(run(&dp, PROG_BENCH_TOKEN_INSERT), XDP_PASS);
         let token = (seq + 2).wrapping_mul(0x9e37_79b9);
         assert!(
-            dp.maps.tokens.get(&token, 0).is_ok(),
+            dp.maps.tokens.get(token).is_some(),
             "bench_token_insert inserted its token ({token:#010x})"
         );
     });
@@ -773,10 +774,12 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
         // traffic is moved back in the table rather than waited for. Wrapping, as the
         // dataplane computes ages: a machine up for less than an hour has no such past.
         let rewind = |dp: &mut Dataplane, token: u32| {
-            let mut e = dp.maps.tokens.get(&token, 0).expect("a learned token");
+            let mut e = dp.maps.tokens.get(token).expect("a learned token");
             e.last_seen_ns = coarse_now_ns()
                 .wrapping_sub(lb_common::maps::DEFAULT_TOKEN_IDLE_NS + 1_000_000_000);
-            dp.maps.tokens.insert(token, e, 0).expect("rewind");
+            dp.maps
+                .tokens
+                .set(token, &e, lb_common::maps::DEFAULT_TOKEN_IDLE_NS);
         };
         rewind(&mut dp, token_a);
         rewind(&mut dp, token_b);
@@ -785,9 +788,9 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
         let before = coarse_now_ns();
         let data_a = tcp4(CLIENT4, vip4(6), 41100, 80, ACK, &[], b"more");
         assert_eq!(run(&mut dp, &data_a), XDP_TX);
-        let a = dp.maps.tokens.get(&token_a, 0).expect("token A");
+        let a = dp.maps.tokens.get(token_a).expect("token A");
         assert!(
-            a.last_seen_ns >= before,
+            a.last_seen_ns + STAMP_NS > before,
             "traffic on A's subflow refreshed its token"
         );
 
@@ -803,9 +806,14 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
             XDP_DROP,
             "B's join (idle token)"
         );
+        let b = dp
+            .maps
+            .tokens
+            .get(token_b)
+            .expect("B's slot stays until reused");
         assert!(
-            dp.maps.tokens.get(&token_b, 0).is_err(),
-            "B's idle entry is removed"
+            coarse_now_ns().saturating_sub(b.last_seen_ns) > lb_common::maps::DEFAULT_TOKEN_IDLE_NS,
+            "B's join did not revive its idle token"
         );
 
         // Traffic on A's second subflow (the join) keeps the token alive as well.
@@ -815,9 +823,9 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
             run(&mut dp, &tcp4(other, vip4(6), 45100, 80, ACK, &[], b"x")),
             XDP_TX
         );
-        let a = dp.maps.tokens.get(&token_a, 0).expect("token A");
+        let a = dp.maps.tokens.get(token_a).expect("token A");
         assert!(
-            a.last_seen_ns >= before,
+            a.last_seen_ns + STAMP_NS > before,
             "traffic on A's join refreshed its token"
         );
         assert_eq!(run(&mut dp, &join(token_a, 45102)), XDP_TX);
@@ -1094,12 +1102,12 @@ fn mptcp_fixtures() {
         run_table(dp.program(), &table, ifindex);
 
         let tokens = &dp.maps.tokens;
-        let entry = tokens.get(&token_a, 0).expect("token A learned");
+        let entry = tokens.get(token_a).expect("token A learned");
         assert_eq!((entry.backend, entry.service, entry.version), (owner, 5, 1));
         assert!(entry.learned_ns > 0 && entry.last_seen_ns >= entry.learned_ns);
         for (key, conn_port) in [(key_b, 41001), (key_c, 41002)] {
             let e = tokens
-                .get(&sha256_token(key), 0)
+                .get(sha256_token(key))
                 .expect("token learned from data");
             assert_eq!(
                 e.backend,
@@ -1107,11 +1115,11 @@ fn mptcp_fixtures() {
             );
         }
         let d = tokens
-            .get(&sha1_token(key_d), 0)
+            .get(sha1_token(key_d))
             .expect("v0 token learned with SHA-1");
         assert_eq!(d.version, 0);
         assert!(
-            tokens.get(&sha256_token(0x0eee_0000_0000_0005), 0).is_err(),
+            tokens.get(sha256_token(0x0eee_0000_0000_0005)).is_none(),
             "a forged ACK taught a token"
         );
         let conn_a = dp

@@ -88,7 +88,7 @@ fn a_backend_out_of_service_learns_no_token_and_takes_no_join() {
             "the established flow still reaches it"
         );
         assert!(
-            dp.maps.tokens.get(&sha256_token(key), 0).is_err(),
+            dp.maps.tokens.get(sha256_token(key)).is_none(),
             "a backend out of service learned a token"
         );
         assert_eq!(
@@ -113,10 +113,7 @@ fn a_backend_out_of_service_learns_no_token_and_takes_no_join() {
             handshake(&mut dp, ifindex, port2, key2, |_| {}),
             (XDP_TX, XDP_TX)
         );
-        assert!(
-            dp.maps.tokens.get(&sha256_token(key2), 0).is_ok(),
-            "learned"
-        );
+        assert!(dp.maps.tokens.get(sha256_token(key2)).is_some(), "learned");
         dp.set_backend(x, addr_of(x), BACKEND_OUT_OF_SERVICE)
             .expect("out of service");
         assert_eq!(
@@ -187,7 +184,7 @@ fn one_packet_without_keys_does_not_settle_learning() {
             assert_eq!(run(&mut dp, p), XDP_TX);
         }
         assert!(
-            dp.maps.tokens.get(&sha256_token(key), 0).is_ok(),
+            dp.maps.tokens.get(sha256_token(key)).is_some(),
             "a forged bare ACK and a reordered segment kept the third ACK from teaching"
         );
         assert_eq!(c(&dp, Counter::MptcpFallback), 0);
@@ -217,7 +214,7 @@ fn one_packet_without_keys_does_not_settle_learning() {
             &[],
         );
         assert_eq!(run(&mut dp, &late), XDP_TX);
-        assert!(dp.maps.tokens.get(&sha256_token(late_key), 0).is_err());
+        assert!(dp.maps.tokens.get(sha256_token(late_key)).is_none());
     });
 }
 
@@ -254,7 +251,7 @@ fn version_0_keys_must_echo_the_client_key_of_the_syn() {
         }
         for k in 0..rounds {
             assert!(
-                dp.maps.tokens.get(&sha1_token(forged + k), 0).is_err(),
+                dp.maps.tokens.get(sha1_token(forged + k)).is_none(),
                 "a third ACK that does not echo the SYN's client key taught a token"
             );
         }
@@ -266,7 +263,7 @@ fn version_0_keys_must_echo_the_client_key_of_the_syn() {
         );
         assert_eq!(run(&mut dp, &ack(client_key, real)), XDP_TX);
         assert!(
-            dp.maps.tokens.get(&sha1_token(real), 0).is_ok(),
+            dp.maps.tokens.get(sha1_token(real)).is_some(),
             "the real third ACK taught its token"
         );
         assert_eq!(c(&dp, Counter::TokenLearnedV0), 1);
@@ -306,7 +303,7 @@ fn a_service_learning_from_its_backends_learns_nothing_from_clients() {
         };
         // The control: learning from clients.
         handshake(&mut dp, 45000, 1, 0x1000);
-        assert!(dp.maps.tokens.get(&sha256_token(0x1000), 0).is_ok());
+        assert!(dp.maps.tokens.get(sha256_token(0x1000)).is_some());
 
         let addr = v4(vip4(6));
         dp.set_vip(
@@ -329,7 +326,7 @@ fn a_service_learning_from_its_backends_learns_nothing_from_clients() {
                 sha256_token(0x2000 + k)
             };
             assert!(
-                dp.maps.tokens.get(&t, 0).is_err(),
+                dp.maps.tokens.get(t).is_none(),
                 "a client handshake taught a token"
             );
         }
@@ -446,7 +443,7 @@ fn learning_is_capped_per_cpu() {
             assert_eq!(learned, 5, "tokens learned within one second on one CPU");
             let held = keys
                 .iter()
-                .filter(|k| dp.maps.tokens.get(&sha256_token(**k), 0).is_ok())
+                .filter(|k| dp.maps.tokens.get(sha256_token(**k)).is_some())
                 .count();
             assert_eq!(held, 5);
             assert!(dp.counter(Counter::LearnRateLimited).expect("counter") >= 3);
@@ -463,7 +460,7 @@ fn learning_is_capped_per_cpu() {
             );
             assert_eq!(run_once(dp.program(), &data, ifindex).0, XDP_TX);
             assert!(
-                dp.maps.tokens.get(&sha256_token(keys[7]), 0).is_ok(),
+                dp.maps.tokens.get(sha256_token(keys[7])).is_some(),
                 "a limited connection learns from its next packet with keys"
             );
             return;
@@ -515,7 +512,7 @@ fn awareness_off_learns_nothing_for_flows_marked_before() {
         });
         assert_eq!(verdicts, (XDP_TX, XDP_TX));
         assert!(
-            dp.maps.tokens.get(&sha256_token(key), 0).is_err(),
+            dp.maps.tokens.get(sha256_token(key)).is_none(),
             "learned with awareness off"
         );
     });
@@ -803,5 +800,80 @@ fn packets_never_meet_a_vip_table_half_written() {
             "packets ran while the tables switched: {sent}"
         );
         assert_eq!(lost, 0, "packets that met no VIP");
+    });
+}
+
+/// A token learned into a full bucket of the token table takes the slot of the token
+/// seen least recently there, and says so (`token_evicted`): the other three keep
+/// routing their joins, the pushed-out one follows the unknown-token policy. A live
+/// token of another backend is never overwritten (the collision rule), full or not.
+#[test]
+fn a_full_token_bucket_gives_up_the_token_seen_least_recently() {
+    let test = "a_full_token_bucket_gives_up_the_token_seen_least_recently";
+    with_balancer(test, "bucket", |mut dp, ring, link| {
+        let ifindex = link.ifindex;
+        let key = 0x0b0c_0000_0000_0001u64;
+        let token = sha256_token(key);
+        let port = 41900;
+        let owner = owner_of(&ring, port);
+        // Four other tokens of the same bucket, learned 10, 20, 30, 40 s ago, each on a
+        // backend of the VIP's service (live: the idle time is an hour).
+        let mask = dp.maps.tokens.buckets() - 1;
+        let bucket = lb_common::tokens::bucket_of(token, mask);
+        let others: Vec<u32> = (1u32..)
+            .filter(|t| *t != token && lb_common::tokens::bucket_of(*t, mask) == bucket)
+            .take(4)
+            .collect();
+        let now = coarse_now_ns();
+        for (i, t) in others.iter().enumerate() {
+            let seen = now - (10 + 10 * i as u64) * 1_000_000_000;
+            let e = lb_common::maps::TokenEntry {
+                backend: 5 + i as u32 % 3,
+                service: 5,
+                learned_ns: seen,
+                last_seen_ns: seen,
+                version: 1,
+                origin: lb_common::maps::TOKEN_FROM_CLIENT,
+            };
+            let pushed = dp
+                .maps
+                .tokens
+                .set(*t, &e, lb_common::maps::DEFAULT_TOKEN_IDLE_NS);
+            assert_eq!(pushed, None, "the bucket had room for token {t:08x}");
+        }
+        assert_eq!(
+            handshake(&mut dp, ifindex, port, key, |_| {}),
+            (XDP_TX, XDP_TX)
+        );
+        let learned = dp.maps.tokens.get(token).expect("the new token is learned");
+        assert_eq!(learned.backend, owner);
+        assert_eq!(dp.counter(Counter::TokenEvicted).expect("counter"), 1);
+        let join =
+            |t: u32, p: u16| tcp4([192, 0, 2, 44], vip4(6), p, 80, SYN, &mp_join_syn(t), &[]);
+        for (i, t) in others.iter().enumerate() {
+            let verdict = run_once(dp.program(), &join(*t, 47100 + i as u16), ifindex).0;
+            if i == 3 {
+                assert!(dp.maps.tokens.get(*t).is_none(), "the oldest is gone");
+                assert_eq!(verdict, XDP_DROP, "its join is unknown now");
+            } else {
+                assert_eq!(verdict, XDP_TX, "token {i} still routes its join");
+                assert_eq!(
+                    recorded_backend(&dp, [192, 0, 2, 44], 47100 + i as u16),
+                    5 + i as u32 % 3
+                );
+            }
+        }
+        // The collision rule holds in a full bucket: the same token learned for another
+        // backend by a second connection leaves it where it is.
+        let port2 = (41901u16..)
+            .find(|p| owner_of(&ring, *p) != owner)
+            .expect("a flow Maglev puts on another backend");
+        assert_eq!(
+            handshake(&mut dp, ifindex, port2, key, |_| {}),
+            (XDP_TX, XDP_TX)
+        );
+        assert_eq!(dp.maps.tokens.get(token).expect("kept").backend, owner);
+        assert_eq!(dp.counter(Counter::TokenCollision).expect("counter"), 1);
+        assert_eq!(dp.counter(Counter::TokenEvicted).expect("counter"), 1);
     });
 }

@@ -404,8 +404,7 @@ fn main() {
         };
         dp.maps
             .tokens
-            .insert(known, entry, 0)
-            .expect("seed a known token");
+            .set(known, &entry, lb_common::maps::DEFAULT_TOKEN_IDLE_NS);
 
         // A service steering its joins by port: the Maglev service's backends behind VIP
         // 10.100.0.9, with join ports 20005-20007. Its v1 handshakes learn nothing.
