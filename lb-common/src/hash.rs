@@ -17,7 +17,7 @@ const fn mix(h: u32, w: u32) -> u32 {
 }
 
 #[inline(always)]
-pub(crate) const fn fmix(mut h: u32) -> u32 {
+const fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -155,8 +155,13 @@ pub struct Config {
     /// Buckets of the token table minus one (a power of two minus one), which the
     /// controller writes from the table it created.
     pub token_mask: u32,
+    /// Key of the token table's bucket hash, random per table (kept with it across
+    /// restarts): who does not know it cannot pick tokens that share a bucket with a
+    /// given one, and so cannot push a given token out with a few handshakes.
+    pub token_seed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
 
 /// Per-CPU window of a rate limit ([`Config::max_conn_rate`], [`Config::max_learn_rate`]).
 #[repr(C)]

@@ -126,12 +126,14 @@ pub const fn buckets_for(entries: u32) -> u32 {
     }
 }
 
-/// The bucket of `token` in a table of `mask + 1` buckets. Mixed, so that a token made
-/// up by a client (its handshake's keys are its own) is no likelier to share a bucket
-/// with a given other token than chance allows.
+/// The bucket of `token` in a table of `mask + 1` buckets, by a hash keyed with the
+/// table's random `seed` ([`crate::maps::Config::token_seed`]): a client makes up the
+/// tokens it teaches (its handshake's keys are its own), and anyone who saw a
+/// connection's keys knows its token; without the seed neither can choose tokens that
+/// land in that token's bucket.
 #[inline(always)]
-pub const fn bucket_of(token: u32, mask: u32) -> u32 {
-    crate::hash::fmix(token ^ 0x9e37_79b9) & mask
+pub fn bucket_of(token: u32, mask: u32, seed: u32) -> u32 {
+    crate::hash::hash_u32(token, seed) & mask
 }
 
 /// The stamp of a `CLOCK_MONOTONIC` time.
@@ -140,13 +142,21 @@ pub const fn stamp(ns: u64) -> u32 {
     (ns >> STAMP_SHIFT) as u32
 }
 
-/// Time from stamp `then` to `now_ns`, to the stamp's resolution. A stamp ahead of
-/// `now_ns` (the daemon stamps with the precise clock, up to a tick ahead of the
-/// dataplane's coarse one) has age 0.
+/// Stamps up to this many units ahead of the clock read as age 0: a writer on another
+/// CPU (or the daemon) may have read the clock a moment later than the reader.
+const AHEAD_UNITS: u32 = 2;
+
+/// Time from stamp `then` to `now_ns`, to the stamp's resolution, modulo the stamp's
+/// wrap (2.28 years: the daemon clears idle slots long before, see `TokenTable`). A stamp
+/// at most two units ahead of `now_ns` has age 0.
 #[inline(always)]
 pub const fn age_ns(now_ns: u64, then: u32) -> u64 {
-    let d = stamp(now_ns).wrapping_sub(then) as i32;
-    if d <= 0 { 0 } else { (d as u64) << STAMP_SHIFT }
+    let d = stamp(now_ns).wrapping_sub(then);
+    if d > u32::MAX - AHEAD_UNITS {
+        0
+    } else {
+        (d as u64) << STAMP_SHIFT
+    }
 }
 
 /// Where a token goes in its bucket.
@@ -257,8 +267,14 @@ mod tests {
         assert_eq!(age_ns(now, stamp(now)), 0);
         assert_eq!(age_ns(now, stamp(now) - 2), 2 * STAMP_NS);
         assert_eq!(age_ns(now, stamp(now) + 1), 0, "a stamp a unit ahead");
+        assert_eq!(age_ns(now, stamp(now) + 2), 0, "two units ahead");
         let wrapped = (u32::MAX as u64 + 3) << STAMP_SHIFT;
         assert_eq!(age_ns(wrapped, u32::MAX - 1), 4 * STAMP_NS);
+        // An old stamp is old, however old: 1.5 years reads as 1.5 years (ages wrap
+        // only at 2.28).
+        let old = 1u64 << 32 << STAMP_SHIFT; // ~2.28 years after boot
+        let then = stamp(old - (3 << 30 << STAMP_SHIFT));
+        assert_eq!(age_ns(old, then), 3 << 30 << STAMP_SHIFT);
     }
 
     #[test]
@@ -290,8 +306,17 @@ mod tests {
         let mask = 255;
         let mut n = [0u32; 256];
         for t in 0..256 * 64 {
-            n[bucket_of(t, mask) as usize] += 1;
+            n[bucket_of(t, mask, 0x5eed) as usize] += 1;
         }
         assert!(n.iter().all(|&c| (32..=96).contains(&c)), "{n:?}");
+        // Two tokens that share a bucket under one seed mostly do not under another.
+        let shared = (1..10_000u32)
+            .filter(|t| bucket_of(*t, mask, 1) == bucket_of(0, mask, 1))
+            .filter(|t| bucket_of(*t, mask, 2) == bucket_of(0, mask, 2))
+            .count();
+        assert!(
+            shared < 5,
+            "{shared} tokens share token 0's bucket under both seeds"
+        );
     }
 }

@@ -177,11 +177,11 @@ pub enum Stored {
     Kept,
 }
 
-/// The bucket of `token` in the token table, if the table has it (it has, unless the
-/// controller has not written the table's size yet).
+/// The bucket of `token` in the token table. None only if the config's mask were larger
+/// than the table (the controller writes it from the table it created).
 #[inline(always)]
 fn bucket(token: u32, cfg: &Config) -> Option<*mut TokenBucket> {
-    TOKENS.get_ptr_mut(tokens::bucket_of(token, cfg.token_mask))
+    TOKENS.get_ptr_mut(tokens::bucket_of(token, cfg.token_mask, cfg.token_seed))
 }
 
 /// Slot `i`'s identity word, read at once.
@@ -201,8 +201,11 @@ unsafe fn seen(b: *mut TokenBucket, i: usize) -> u32 {
     unsafe { read_volatile(addr_of!((*b).slots[i].seen)) }
 }
 
-/// Writes identity word `id` into slot `i`, learned and seen at `t`: stamps first, the identity last, so
-/// that a reader that finds the token finds its stamps. # Safety: as [`ident`].
+/// Writes identity word `id` into slot `i`, learned and seen at `t`: stamps first, the
+/// identity last, so that a reader that finds the token finds its stamps (x86 keeps
+/// stores in order; elsewhere a reader may see the slot's previous stamps for a moment).
+/// Plain stores: a slot the daemon swapped in the same instant may be overwritten.
+/// # Safety: as [`ident`].
 #[inline(always)]
 unsafe fn write_slot(b: *mut TokenBucket, i: usize, id: u64, t: u64) {
     let s = tokens::stamp(t);
@@ -227,6 +230,10 @@ pub fn store(ctx: &XdpContext, id: TokenId, t: u64, cfg: &Config) -> Stored {
         Place::Held(i) => {
             // SAFETY: as above, i below TOKEN_WAYS.
             let (held, last) = unsafe { (ident(b, i), seen(b, i)) };
+            if !tokens::holds(held, id.token) {
+                // Rewritten by another CPU since `place` read it: not ours to judge.
+                return Stored::Kept;
+            }
             if tokens::ident_backend(held) == id.backend {
                 // SAFETY: as above.
                 unsafe { write_volatile(addr_of_mut!((*b).slots[i].seen), tokens::stamp(t)) };

@@ -186,9 +186,11 @@ pub fn dataplane_config(cfg: &FileConfig) -> Config {
         max_conn_rate: b.max_conn_rate,
         max_learn_rate: b.max_learn_rate,
         // Set by `Dataplane::set_config`, which knows which VIP table is live and how
-        // big the token table is.
+        // big the token table is, and its key.
         vip_table: 0,
         token_mask: 0,
+        token_seed: 0,
+        _pad: 0,
     }
 }
 
@@ -880,8 +882,7 @@ impl Controller {
             .saturating_mul(1_000_000_000);
         let old = self.dp.maps.tokens.get(e.token);
         if !e.live {
-            if old.is_some_and(|o| o.backend == id) {
-                self.dp.maps.tokens.remove(e.token);
+            if old.is_some_and(|o| o.backend == id) && self.dp.maps.tokens.remove_for(e.token, id) {
                 return Announced::Removed;
             }
             return Announced::Unchanged;

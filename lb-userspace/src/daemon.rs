@@ -216,6 +216,9 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     }
     let control = bind_control(&config.balancer.control_socket)?;
     tokio::spawn(control_loop(shared.clone(), control));
+    let sweep = crate::token_table::TokenTable::from_pins(&crate::pins::layout_dir(&b.pin_path))
+        .context("opening the pinned token table")?;
+    tokio::spawn(token_sweep_loop(shared.clone(), sweep));
     if let Some(addr) = config.balancer.metrics_listen {
         let l = TcpListener::bind(addr)
             .await
@@ -716,6 +719,29 @@ async fn answer_inner(shared: &Arc<Shared>, req: Request) -> Response {
                 Ok(()) => ok(serde_json::Value::Bool(drained)),
                 Err(e) => refused(format!("{e:#}")),
             }
+        }
+    }
+}
+
+/// Clears the token table's idle slots every minute (their tokens route no join
+/// already): the table's occupancy then counts live tokens, and no slot's stamp lives
+/// long enough to wrap. A pass over the table's memory, off the runtime's threads and
+/// without the controller's lock.
+async fn token_sweep_loop(shared: Arc<Shared>, table: crate::token_table::TokenTable) {
+    let table = Arc::new(table);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let idle = match shared.ctl.lock().await.config.balancer.token_idle_secs {
+            0 => lb_common::maps::DEFAULT_TOKEN_IDLE_NS,
+            s => s.saturating_mul(1_000_000_000),
+        };
+        let t = table.clone();
+        if let Ok(n) = tokio::task::spawn_blocking(move || t.remove_idle(idle)).await
+            && n > 0
+        {
+            tracing::debug!(slots = n, "cleared idle tokens from the token table");
         }
     }
 }

@@ -94,8 +94,12 @@ impl Maps {
                 .with_context(|| format!("map {name} has an unexpected type or layout"))
         }
         let g = &mut get;
+        let config: Array<MapData, Config> = typed(g, MAP_CONFIG)?;
+        // The token table's bucket key: a running balancer's (pins), or none yet (a fresh
+        // object: `Dataplane::load_inner` draws one).
+        let seed = config.get(&0, 0).map_or(0, |c| c.token_seed);
         Ok(Self {
-            config: typed(g, MAP_CONFIG)?,
+            config,
             vips: typed(g, MAP_VIPS)?,
             vip_tables: typed(g, MAP_VIP_SLOTS)?,
             vip_buckets: typed(g, MAP_VIP_BUCKETS)?,
@@ -105,7 +109,7 @@ impl Maps {
                 v4: typed(g, MAP_CONNS4)?,
                 v6: typed(g, MAP_CONNS)?,
             },
-            tokens: crate::token_table::TokenTable::try_from(g(MAP_TOKENS)?)
+            tokens: crate::token_table::TokenTable::open(g(MAP_TOKENS)?, seed)
                 .with_context(|| format!("map {MAP_TOKENS}"))?,
             stats: typed(g, MAP_STATS)?,
             service_stats: typed(g, MAP_SERVICE_STATS)?,
@@ -394,9 +398,15 @@ impl Dataplane {
         prog.load()
             .context("the verifier refused the balancer program")?;
         let mut maps = Maps::take_from(&mut ebpf)?;
-        // The token table's size, for the dataplane to index it, before any packet: a
-        // fresh config is otherwise all zero until the controller writes one.
+        // The token table's size and bucket key, for the dataplane to index it, before
+        // any packet: a fresh config is otherwise all zero until the controller writes
+        // one. Adopted pins keep their key (their tokens sit where it put them).
         let mut cfg = maps.config.get(&0, 0).context("reading LB_CONFIG")?;
+        if cfg.token_seed == 0 {
+            let seed = random_seed()?;
+            maps.tokens.set_seed(seed);
+            cfg.token_seed = seed;
+        }
         cfg.token_mask = maps.tokens.buckets() - 1;
         maps.config.set(0, cfg, 0).context("writing LB_CONFIG")?;
         // Adopted pins: the tables as the previous process left them.
@@ -491,6 +501,7 @@ impl Dataplane {
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = next;
         cfg.token_mask = self.maps.tokens.buckets() - 1;
+        cfg.token_seed = self.maps.tokens.seed();
         self.maps
             .config
             .set(0, cfg, 0)
@@ -556,6 +567,7 @@ impl Dataplane {
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = self.vip_live;
         cfg.token_mask = self.maps.tokens.buckets() - 1;
+        cfg.token_seed = self.maps.tokens.seed();
         self.maps.config.set(0, cfg, 0).context("writing LB_CONFIG")
     }
 
@@ -743,6 +755,22 @@ impl Dataplane {
             .get(&id, 0)
             .context("reading LB_BE_STATS")?;
         Ok(total(&per_cpu))
+    }
+}
+
+/// A random non-zero key for the token table's bucket hash.
+fn random_seed() -> anyhow::Result<u32> {
+    loop {
+        let mut b = [0u8; 4];
+        // SAFETY: getrandom writes at most the 4 bytes it is given.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n != 4 {
+            return Err(std::io::Error::last_os_error()).context("getrandom");
+        }
+        let seed = u32::from_ne_bytes(b);
+        if seed != 0 {
+            return Ok(seed);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use lb_common::maps::{MAP_CONNS, MAP_CONNS4, MAP_TOKENS};
+use lb_common::maps::{MAP_CONNS, MAP_CONNS4};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -56,7 +56,7 @@ impl TableCounter {
                 v4: HashMap::try_from(open(MAP_CONNS4)?)?,
                 v6: HashMap::try_from(open(MAP_CONNS)?)?,
             },
-            tokens: crate::token_table::TokenTable::try_from(open(MAP_TOKENS)?)?,
+            tokens: crate::token_table::TokenTable::from_pins(layout_dir)?,
         })
     }
 
@@ -164,7 +164,7 @@ pub fn render(
     tokens_cap.set(i64::from(ctl.dp.sizes.token_entries));
     reg.register(
         "token_table_capacity",
-        "Capacity of the token table (LRU)",
+        "Capacity of the token table (tokens; it has two slots for each)",
         tokens_cap,
     );
 

@@ -3,6 +3,13 @@
 //! time, with the same atomicity the dataplane has: a slot's identity word is loaded and
 //! stored whole, after its stamps. No syscall per entry: the CLI lists a million tokens,
 //! and the controller finds a removed backend's tokens, in one pass over memory.
+//!
+//! Slots keep idle tokens until a token of their bucket reuses them; the daemon clears
+//! them ([`TokenTable::remove_idle`]) so that the table's occupancy counts live tokens
+//! and no stamp lives long enough to wrap (2.28 years).
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the token table's stamp word is read as two little-endian u32s");
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
@@ -28,6 +35,8 @@ pub struct TokenTable {
     base: NonNull<AtomicU64>,
     bytes: usize,
     buckets: u32,
+    /// The bucket hash's key, `Config::token_seed` of the dataplane using the table.
+    seed: u32,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics; the handle owns it.
@@ -42,10 +51,9 @@ impl Drop for TokenTable {
     }
 }
 
-impl TryFrom<Map> for TokenTable {
-    type Error = anyhow::Error;
-
-    fn try_from(map: Map) -> anyhow::Result<Self> {
+impl TokenTable {
+    /// Maps the token table `map`, whose bucket hash has key `seed`.
+    pub fn open(map: Map, seed: u32) -> anyhow::Result<Self> {
         let map: Array<MapData, TokenBucket> =
             Array::try_from(map).context("the token table is not an array of buckets")?;
         let buckets = map.len();
@@ -75,7 +83,23 @@ impl TryFrom<Map> for TokenTable {
             base: NonNull::new(p.cast()).context("mmap returned null")?,
             bytes,
             buckets,
+            seed,
         })
+    }
+
+    /// The table pinned in `layout_dir` (`<pin path>/v<layout>`), with the key its
+    /// dataplane's config holds.
+    pub fn from_pins(layout_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use lb_common::maps::{Config, MAP_CONFIG, MAP_TOKENS};
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = layout_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening the pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        let config: Array<MapData, Config> = Array::try_from(open(MAP_CONFIG)?)?;
+        let seed = config.get(&0, 0).context("reading LB_CONFIG")?.token_seed;
+        Self::open(open(MAP_TOKENS)?, seed)
     }
 }
 
@@ -95,6 +119,16 @@ impl TokenTable {
         self.buckets
     }
 
+    /// The bucket hash's key.
+    pub fn seed(&self) -> u32 {
+        self.seed
+    }
+
+    /// Sets the key of a table that had none yet (all empty), as its dataplane will.
+    pub fn set_seed(&mut self, seed: u32) {
+        self.seed = seed;
+    }
+
     fn word(&self, bucket: u32, slot: usize, w: usize) -> &AtomicU64 {
         assert!(bucket < self.buckets && slot < TOKEN_WAYS && w < SLOT_WORDS);
         let i = bucket as usize * BUCKET_WORDS + slot * SLOT_WORDS + w;
@@ -112,7 +146,7 @@ impl TokenTable {
     }
 
     fn bucket_of(&self, token: u32) -> u32 {
-        tokens::bucket_of(token, self.buckets - 1)
+        tokens::bucket_of(token, self.buckets - 1, self.seed)
     }
 
     fn entry(id: TokenId, (learned, seen): (u32, u32), now: u64) -> TokenEntry {
@@ -165,7 +199,10 @@ impl TokenTable {
     /// Writes `token` → `e`: over its own slot if the table holds it, else into a free
     /// slot of its bucket (empty, or idle for `idle_ns`), else over the slot seen least
     /// recently. Returns the live token pushed out, if any. A slot the dataplane rewrote
-    /// meanwhile is not overwritten: the choice is made again.
+    /// since this looked is not overwritten: the choice is made again. (The dataplane's
+    /// own writes are plain stores: one landing in the same instant as this may
+    /// overwrite it; and if the swap fails, the stamps just written stay with the token
+    /// the dataplane wrote there, both fresh.)
     pub fn set(&self, token: u32, e: &TokenEntry, idle_ns: u64) -> Option<u32> {
         let b = self.bucket_of(token);
         let id = TokenId {
@@ -180,13 +217,14 @@ impl TokenTable {
             u64::from(tokens::stamp(e.learned_ns)) | u64::from(tokens::stamp(e.last_seen_ns)) << 32;
         loop {
             let now = now_ns();
-            let (i, evicted) = match tokens::place(token, now, idle_ns, |i| {
-                (self.ident(b, i), self.stamps(b, i).1)
-            }) {
+            // The bucket as `place` judges it; the swap expects what it saw.
+            let seen: [(u64, u32); TOKEN_WAYS] =
+                std::array::from_fn(|i| (self.ident(b, i), self.stamps(b, i).1));
+            let (i, evicted) = match tokens::place(token, now, idle_ns, |i| seen[i]) {
                 Place::Held(i) | Place::Free(i) => (i, None),
-                Place::Evict(i) => (i, Some(self.ident(b, i) as u32)),
+                Place::Evict(i) => (i, Some(seen[i].0 as u32)),
             };
-            let old = self.ident(b, i);
+            let old = seen[i].0;
             self.word(b, i, 1).store(stamps, Ordering::Release);
             if self
                 .word(b, i, 0)
@@ -201,21 +239,39 @@ impl TokenTable {
     /// Removes `token`. Returns whether the table held it.
     pub fn remove(&self, token: u32) -> bool {
         let b = self.bucket_of(token);
-        self.clear(b, |id| id.token == token) > 0
+        self.clear(b, |id, _| id.token == token) > 0
+    }
+
+    /// Removes `token` if it is `backend`'s. Returns whether it was.
+    pub fn remove_for(&self, token: u32, backend: u32) -> bool {
+        let b = self.bucket_of(token);
+        self.clear(b, |id, _| id.token == token && id.backend == backend) > 0
+    }
+
+    /// Clears the slots of tokens idle for `idle_ns` or longer (they route no join
+    /// already). Returns how many.
+    pub fn remove_idle(&self, idle_ns: u64) -> usize {
+        let now = now_ns();
+        (0..self.buckets)
+            .map(|b| self.clear(b, |_, seen| tokens::age_ns(now, seen) >= idle_ns))
+            .sum()
     }
 
     /// Removes every token `doomed` says so of. Returns how many.
     pub fn remove_if(&self, doomed: impl Fn(&TokenId) -> bool) -> usize {
-        (0..self.buckets).map(|b| self.clear(b, &doomed)).sum()
+        (0..self.buckets)
+            .map(|b| self.clear(b, |id, _| doomed(id)))
+            .sum()
     }
 
-    /// Empties the slots of bucket `b` whose token `doomed` picks, unless the dataplane
-    /// rewrote one meanwhile (then that slot holds another token, which stays).
-    fn clear(&self, b: u32, doomed: impl Fn(&TokenId) -> bool) -> usize {
+    /// Empties the slots of bucket `b` whose token `doomed` picks (given its identity
+    /// and `seen` stamp), unless the dataplane rewrote one meanwhile (then that slot
+    /// holds another token, which stays).
+    fn clear(&self, b: u32, doomed: impl Fn(&TokenId, u32) -> bool) -> usize {
         let mut n = 0;
         for i in 0..TOKEN_WAYS {
             let ident = self.ident(b, i);
-            if TokenId::unpack(ident).is_some_and(|id| doomed(&id))
+            if TokenId::unpack(ident).is_some_and(|id| doomed(&id, self.stamps(b, i).1))
                 && self
                     .word(b, i, 0)
                     .compare_exchange(ident, 0, Ordering::AcqRel, Ordering::Acquire)

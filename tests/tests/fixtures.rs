@@ -815,6 +815,14 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
             coarse_now_ns().saturating_sub(b.last_seen_ns) > lb_common::maps::DEFAULT_TOKEN_IDLE_NS,
             "B's join did not revive its idle token"
         );
+        // The daemon's sweep clears B's slot, and only B's.
+        assert_eq!(
+            dp.maps
+                .tokens
+                .remove_idle(lb_common::maps::DEFAULT_TOKEN_IDLE_NS),
+            1
+        );
+        assert!(dp.maps.tokens.get(token_b).is_none() && dp.maps.tokens.get(token_a).is_some());
 
         // Traffic on A's second subflow (the join) keeps the token alive as well.
         rewind(&mut dp, token_a);

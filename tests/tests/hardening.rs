@@ -818,15 +818,15 @@ fn a_full_token_bucket_gives_up_the_token_seen_least_recently() {
         let owner = owner_of(&ring, port);
         // Four other tokens of the same bucket, learned 10, 20, 30, 40 s ago, each on a
         // backend of the VIP's service (live: the idle time is an hour).
-        let mask = dp.maps.tokens.buckets() - 1;
-        let bucket = lb_common::tokens::bucket_of(token, mask);
+        let (mask, seed) = (dp.maps.tokens.buckets() - 1, dp.maps.tokens.seed());
+        let bucket = lb_common::tokens::bucket_of(token, mask, seed);
         let others: Vec<u32> = (1u32..)
-            .filter(|t| *t != token && lb_common::tokens::bucket_of(*t, mask) == bucket)
+            .filter(|t| *t != token && lb_common::tokens::bucket_of(*t, mask, seed) == bucket)
             .take(4)
             .collect();
         let now = coarse_now_ns();
         for (i, t) in others.iter().enumerate() {
-            let seen = now - (10 + 10 * i as u64) * 1_000_000_000;
+            let seen = now.saturating_sub((10 + 10 * i as u64) * 1_000_000_000);
             let e = lb_common::maps::TokenEntry {
                 backend: 5 + i as u32 % 3,
                 service: 5,

@@ -20,6 +20,8 @@ use mptcp_lb_tests::{
 
 const ROOT: &str = "/sys/fs/bpf/mlb-pin-test";
 
+const TOKEN: u32 = 0x7e57_0001;
+
 fn sizes(conn_entries: u32) -> Sizes {
     Sizes {
         ring_size: RING,
@@ -59,8 +61,22 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
         );
         let syn = tcp4(CLIENT4, vip4(1), 40001, 80, SYN, &[], &[]);
         assert_eq!(run_once(dp.program(), &syn, ifindex).0, XDP_TX);
-        dp.program().info().expect("info").id()
+        // A token, in the bucket the table's key puts it in.
+        let now = coarse_now_ns();
+        let token = lb_common::maps::TokenEntry {
+            backend: 1,
+            service: 1,
+            learned_ns: now,
+            last_seen_ns: now,
+            version: 1,
+            origin: lb_common::maps::TOKEN_FROM_BACKEND,
+        };
+        dp.maps
+            .tokens
+            .set(TOKEN, &token, lb_common::maps::DEFAULT_TOKEN_IDLE_NS);
+        (dp.program().info().expect("info").id(), dp.maps.tokens.seed())
     });
+    let (first, seed) = first;
     // The process's handles are gone; the pinned link keeps the program attached.
     assert_eq!(
         env.ns.xdp_prog("lb0"),
@@ -80,6 +96,18 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
             .get(&key)
             .expect("the connection table survived the restart");
         assert_eq!(conn.backend, 1);
+        // The token table keeps its bucket key, so its tokens are found where they are.
+        assert_eq!(dp.maps.tokens.seed(), seed, "the token table's key survived");
+        assert_eq!(
+            dp.maps.config.get(&0, 0).expect("config").token_seed,
+            seed,
+            "the dataplane uses it"
+        );
+        assert_eq!(
+            dp.maps.tokens.get(TOKEN).map(|e| e.backend),
+            Some(1),
+            "the token table survived the restart"
+        );
         assert_eq!(
             dp.attach_pinned("lb0", Some(XdpMode::Skb))
                 .expect("replace"),
