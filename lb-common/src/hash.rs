@@ -65,6 +65,55 @@ pub fn hash_u32(v: u32, seed: u32) -> u32 {
     fmix(mix(seed, v))
 }
 
+/// SipHash-1-3 (the variant Rust's `HashMap` uses against hash flooding) of a 32-bit
+/// value under a 128-bit key: who sees outputs, or which values collide, learns nothing
+/// useful of the key. The token table's bucket hash.
+#[inline(always)]
+pub fn siphash13_u32(key: [u64; 2], v: u32) -> u64 {
+    sip::<1, 3>(key, v)
+}
+
+/// SipHash-c-d of the 4-byte little-endian message `v`.
+#[inline(always)]
+fn sip<const C: usize, const D: usize>(key: [u64; 2], v: u32) -> u64 {
+    let mut s = [
+        key[0] ^ 0x736f_6d65_7073_6575,
+        key[1] ^ 0x646f_7261_6e64_6f6d,
+        key[0] ^ 0x6c79_6765_6e65_7261,
+        key[1] ^ 0x7465_6462_7974_6573,
+    ];
+    // The last (here the only) block: the message bytes, its length in the top byte.
+    let m = (4u64 << 56) | u64::from(v);
+    s[3] ^= m;
+    let mut i = 0;
+    while i < C {
+        sip_round(&mut s);
+        i += 1;
+    }
+    s[0] ^= m;
+    s[2] ^= 0xff;
+    let mut i = 0;
+    while i < D {
+        sip_round(&mut s);
+        i += 1;
+    }
+    s[0] ^ s[1] ^ s[2] ^ s[3]
+}
+
+#[inline(always)]
+fn sip_round(s: &mut [u64; 4]) {
+    s[0] = s[0].wrapping_add(s[1]);
+    s[1] = s[1].rotate_left(13) ^ s[0];
+    s[0] = s[0].rotate_left(32);
+    s[2] = s[2].wrapping_add(s[3]);
+    s[3] = s[3].rotate_left(16) ^ s[2];
+    s[0] = s[0].wrapping_add(s[3]);
+    s[3] = s[3].rotate_left(21) ^ s[0];
+    s[2] = s[2].wrapping_add(s[1]);
+    s[1] = s[1].rotate_left(17) ^ s[2];
+    s[2] = s[2].rotate_left(32);
+}
+
 /// Most low bits of a tunnel's outer source that flow-hash bits may replace.
 pub const MAX_VARY_BITS: u32 = 16;
 
@@ -88,6 +137,23 @@ pub fn vary_source(addr_be: u32, bits: u32, hash: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The round function and key schedule are SipHash's: with 2 and 4 rounds they give
+    /// what `core`'s (SipHash-2-4) hasher gives for the same key and bytes.
+    #[test]
+    #[allow(deprecated)]
+    fn sip_matches_the_reference_siphash_2_4() {
+        use core::hash::Hasher as _;
+        for (k0, k1, v) in [
+            (0u64, 0u64, 0u32),
+            (0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908, 0x0302_0100),
+            (u64::MAX, 0x1234_5678_9abc_def0, 0xdead_beef),
+        ] {
+            let mut h = core::hash::SipHasher::new_with_keys(k0, k1);
+            h.write(&v.to_le_bytes());
+            assert_eq!(sip::<2, 4>([k0, k1], v), h.finish(), "{k0:x} {k1:x} {v:x}");
+        }
+    }
 
     #[test]
     fn every_allowed_vary_width_varies_exactly_that_many_bits() {

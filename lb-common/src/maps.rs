@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map's key or value layout, or the set of maps, changes: pinned maps
 /// live under `<pin path>/v<LAYOUT_VERSION>` so a new binary never adopts old layouts.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Single-entry array holding [`Config`].
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -155,13 +155,13 @@ pub struct Config {
     /// Buckets of the token table minus one (a power of two minus one), which the
     /// controller writes from the table it created.
     pub token_mask: u32,
-    /// Key of the token table's bucket hash, random per table (kept with it across
-    /// restarts): who does not know it cannot pick tokens that share a bucket with a
-    /// given one, and so cannot push a given token out with a few handshakes.
-    pub token_seed: u32,
-    pub _pad: u32,
+    /// Key of the token table's bucket hash (SipHash-1-3), random per table and kept
+    /// with it across restarts; all zero until drawn. Who does not know it cannot pick
+    /// tokens that share a bucket with a given one, and so cannot push a given token out
+    /// with a few handshakes.
+    pub token_key: [u64; 2],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 72);
+const _: () = assert!(core::mem::size_of::<Config>() == 80);
 
 /// Per-CPU window of a rate limit ([`Config::max_conn_rate`], [`Config::max_learn_rate`]).
 #[repr(C)]

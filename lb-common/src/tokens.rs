@@ -126,14 +126,14 @@ pub const fn buckets_for(entries: u32) -> u32 {
     }
 }
 
-/// The bucket of `token` in a table of `mask + 1` buckets, by a hash keyed with the
-/// table's random `seed` ([`crate::maps::Config::token_seed`]): a client makes up the
+/// The bucket of `token` in a table of `mask + 1` buckets, by SipHash-1-3 keyed with the
+/// table's random `key` ([`crate::maps::Config::token_key`]): a client makes up the
 /// tokens it teaches (its handshake's keys are its own), and anyone who saw a
-/// connection's keys knows its token; without the seed neither can choose tokens that
+/// connection's keys knows its token; without the key neither can choose tokens that
 /// land in that token's bucket.
 #[inline(always)]
-pub fn bucket_of(token: u32, mask: u32, seed: u32) -> u32 {
-    crate::hash::hash_u32(token, seed) & mask
+pub fn bucket_of(token: u32, mask: u32, key: [u64; 2]) -> u32 {
+    crate::hash::siphash13_u32(key, token) as u32 & mask
 }
 
 /// The stamp of a `CLOCK_MONOTONIC` time.
@@ -306,17 +306,18 @@ mod tests {
         let mask = 255;
         let mut n = [0u32; 256];
         for t in 0..256 * 64 {
-            n[bucket_of(t, mask, 0x5eed) as usize] += 1;
+            n[bucket_of(t, mask, [0x5eed, 1]) as usize] += 1;
         }
         assert!(n.iter().all(|&c| (32..=96).contains(&c)), "{n:?}");
-        // Two tokens that share a bucket under one seed mostly do not under another.
+        // Tokens that share a bucket under one key mostly do not under another.
+        let (k1, k2) = ([1, 2], [1, 3]);
         let shared = (1..10_000u32)
-            .filter(|t| bucket_of(*t, mask, 1) == bucket_of(0, mask, 1))
-            .filter(|t| bucket_of(*t, mask, 2) == bucket_of(0, mask, 2))
+            .filter(|t| bucket_of(*t, mask, k1) == bucket_of(0, mask, k1))
+            .filter(|t| bucket_of(*t, mask, k2) == bucket_of(0, mask, k2))
             .count();
         assert!(
             shared < 5,
-            "{shared} tokens share token 0's bucket under both seeds"
+            "{shared} tokens share token 0's bucket under both keys"
         );
     }
 }

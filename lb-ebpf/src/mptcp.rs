@@ -181,7 +181,7 @@ pub enum Stored {
 /// than the table (the controller writes it from the table it created).
 #[inline(always)]
 fn bucket(token: u32, cfg: &Config) -> Option<*mut TokenBucket> {
-    TOKENS.get_ptr_mut(tokens::bucket_of(token, cfg.token_mask, cfg.token_seed))
+    TOKENS.get_ptr_mut(tokens::bucket_of(token, cfg.token_mask, cfg.token_key))
 }
 
 /// Slot `i`'s identity word, read at once.
@@ -341,7 +341,8 @@ pub fn learned_recently(key: &FlowKey, cfg: &Config) -> Option<u32> {
 
 /// The backend that owns `token` in `service`, if the token is live and the backend takes
 /// joins (draining counts: its connections keep their joins; out of service does not).
-/// An idle token's slot stays until a token of its bucket reuses it.
+/// An idle token's slot stays until a token of its bucket reuses it or the daemon's sweep
+/// clears it.
 #[inline(always)]
 pub fn owner(ctx: &XdpContext, token: u32, service: u32, cfg: &Config) -> Option<u32> {
     let (b, i, id) = lookup(token, cfg)?;

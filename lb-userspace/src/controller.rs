@@ -189,8 +189,7 @@ pub fn dataplane_config(cfg: &FileConfig) -> Config {
         // big the token table is, and its key.
         vip_table: 0,
         token_mask: 0,
-        token_seed: 0,
-        _pad: 0,
+        token_key: [0; 2],
     }
 }
 
@@ -882,7 +881,8 @@ impl Controller {
             .saturating_mul(1_000_000_000);
         let old = self.dp.maps.tokens.get(e.token);
         if !e.live {
-            if old.is_some_and(|o| o.backend == id) && self.dp.maps.tokens.remove_for(e.token, id) {
+            // Every slot of this backend's (two writers at one instant may have left two).
+            if self.dp.maps.tokens.remove_for(e.token, id) {
                 return Announced::Removed;
             }
             return Announced::Unchanged;

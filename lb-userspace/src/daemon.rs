@@ -130,6 +130,9 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         token_entries: b.token_table_size,
     };
     let (mut dp, adopted) = Dataplane::load_pinned(sizes, &b.pin_path)?;
+    // The sweep's own handle on the token table, opened before anything is attached.
+    let sweep = crate::token_table::TokenTable::from_pins(&crate::pins::layout_dir(&b.pin_path))
+        .context("opening the pinned token table")?;
     if adopted {
         tracing::info!(pin_path = %b.pin_path.display(), "adopting the pinned maps: connection and token tables carry over");
     }
@@ -216,8 +219,6 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     }
     let control = bind_control(&config.balancer.control_socket)?;
     tokio::spawn(control_loop(shared.clone(), control));
-    let sweep = crate::token_table::TokenTable::from_pins(&crate::pins::layout_dir(&b.pin_path))
-        .context("opening the pinned token table")?;
     tokio::spawn(token_sweep_loop(shared.clone(), sweep));
     if let Some(addr) = config.balancer.metrics_listen {
         let l = TcpListener::bind(addr)

@@ -97,7 +97,7 @@ impl Maps {
         let config: Array<MapData, Config> = typed(g, MAP_CONFIG)?;
         // The token table's bucket key: a running balancer's (pins), or none yet (a fresh
         // object: `Dataplane::load_inner` draws one).
-        let seed = config.get(&0, 0).map_or(0, |c| c.token_seed);
+        let key = config.get(&0, 0).context("reading LB_CONFIG")?.token_key;
         Ok(Self {
             config,
             vips: typed(g, MAP_VIPS)?,
@@ -109,7 +109,7 @@ impl Maps {
                 v4: typed(g, MAP_CONNS4)?,
                 v6: typed(g, MAP_CONNS)?,
             },
-            tokens: crate::token_table::TokenTable::open(g(MAP_TOKENS)?, seed)
+            tokens: crate::token_table::TokenTable::open(g(MAP_TOKENS)?, key)
                 .with_context(|| format!("map {MAP_TOKENS}"))?,
             stats: typed(g, MAP_STATS)?,
             service_stats: typed(g, MAP_SERVICE_STATS)?,
@@ -402,10 +402,10 @@ impl Dataplane {
         // any packet: a fresh config is otherwise all zero until the controller writes
         // one. Adopted pins keep their key (their tokens sit where it put them).
         let mut cfg = maps.config.get(&0, 0).context("reading LB_CONFIG")?;
-        if cfg.token_seed == 0 {
-            let seed = random_seed()?;
-            maps.tokens.set_seed(seed);
-            cfg.token_seed = seed;
+        if cfg.token_key == [0; 2] {
+            let key = random_key()?;
+            maps.tokens.set_key(key);
+            cfg.token_key = key;
         }
         cfg.token_mask = maps.tokens.buckets() - 1;
         maps.config.set(0, cfg, 0).context("writing LB_CONFIG")?;
@@ -501,7 +501,7 @@ impl Dataplane {
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = next;
         cfg.token_mask = self.maps.tokens.buckets() - 1;
-        cfg.token_seed = self.maps.tokens.seed();
+        cfg.token_key = self.maps.tokens.key();
         self.maps
             .config
             .set(0, cfg, 0)
@@ -567,7 +567,7 @@ impl Dataplane {
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = self.vip_live;
         cfg.token_mask = self.maps.tokens.buckets() - 1;
-        cfg.token_seed = self.maps.tokens.seed();
+        cfg.token_key = self.maps.tokens.key();
         self.maps.config.set(0, cfg, 0).context("writing LB_CONFIG")
     }
 
@@ -758,18 +758,18 @@ impl Dataplane {
     }
 }
 
-/// A random non-zero key for the token table's bucket hash.
-fn random_seed() -> anyhow::Result<u32> {
+/// A random key, not all zero, for the token table's bucket hash.
+fn random_key() -> anyhow::Result<[u64; 2]> {
     loop {
-        let mut b = [0u8; 4];
-        // SAFETY: getrandom writes at most the 4 bytes it is given.
+        let mut b = [0u8; 16];
+        // SAFETY: getrandom writes at most the 16 bytes it is given.
         let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if n != 4 {
+        if n != 16 {
             return Err(std::io::Error::last_os_error()).context("getrandom");
         }
-        let seed = u32::from_ne_bytes(b);
-        if seed != 0 {
-            return Ok(seed);
+        let key: [u64; 2] = bytemuck::cast(b);
+        if key != [0; 2] {
+            return Ok(key);
         }
     }
 }

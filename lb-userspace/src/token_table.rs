@@ -35,8 +35,8 @@ pub struct TokenTable {
     base: NonNull<AtomicU64>,
     bytes: usize,
     buckets: u32,
-    /// The bucket hash's key, `Config::token_seed` of the dataplane using the table.
-    seed: u32,
+    /// The bucket hash's key, `Config::token_key` of the dataplane using the table.
+    key: [u64; 2],
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics; the handle owns it.
@@ -52,8 +52,8 @@ impl Drop for TokenTable {
 }
 
 impl TokenTable {
-    /// Maps the token table `map`, whose bucket hash has key `seed`.
-    pub fn open(map: Map, seed: u32) -> anyhow::Result<Self> {
+    /// Maps the token table `map`, whose bucket hash has key `key`.
+    pub fn open(map: Map, key: [u64; 2]) -> anyhow::Result<Self> {
         let map: Array<MapData, TokenBucket> =
             Array::try_from(map).context("the token table is not an array of buckets")?;
         let buckets = map.len();
@@ -83,7 +83,7 @@ impl TokenTable {
             base: NonNull::new(p.cast()).context("mmap returned null")?,
             bytes,
             buckets,
-            seed,
+            key,
         })
     }
 
@@ -98,8 +98,8 @@ impl TokenTable {
             Ok(Map::from_map_data(data)?)
         };
         let config: Array<MapData, Config> = Array::try_from(open(MAP_CONFIG)?)?;
-        let seed = config.get(&0, 0).context("reading LB_CONFIG")?.token_seed;
-        Self::open(open(MAP_TOKENS)?, seed)
+        let key = config.get(&0, 0).context("reading LB_CONFIG")?.token_key;
+        Self::open(open(MAP_TOKENS)?, key)
     }
 }
 
@@ -120,13 +120,13 @@ impl TokenTable {
     }
 
     /// The bucket hash's key.
-    pub fn seed(&self) -> u32 {
-        self.seed
+    pub fn key(&self) -> [u64; 2] {
+        self.key
     }
 
     /// Sets the key of a table that had none yet (all empty), as its dataplane will.
-    pub fn set_seed(&mut self, seed: u32) {
-        self.seed = seed;
+    pub fn set_key(&mut self, key: [u64; 2]) {
+        self.key = key;
     }
 
     fn word(&self, bucket: u32, slot: usize, w: usize) -> &AtomicU64 {
@@ -146,7 +146,7 @@ impl TokenTable {
     }
 
     fn bucket_of(&self, token: u32) -> u32 {
-        tokens::bucket_of(token, self.buckets - 1, self.seed)
+        tokens::bucket_of(token, self.buckets - 1, self.key)
     }
 
     fn entry(id: TokenId, (learned, seen): (u32, u32), now: u64) -> TokenEntry {

@@ -810,7 +810,7 @@ fn an_idle_token_expires_and_subflow_traffic_keeps_one_alive() {
             .maps
             .tokens
             .get(token_b)
-            .expect("B's slot stays until reused");
+            .expect("B's slot stays until reused or swept");
         assert!(
             coarse_now_ns().saturating_sub(b.last_seen_ns) > lb_common::maps::DEFAULT_TOKEN_IDLE_NS,
             "B's join did not revive its idle token"

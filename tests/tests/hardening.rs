@@ -818,7 +818,7 @@ fn a_full_token_bucket_gives_up_the_token_seen_least_recently() {
         let owner = owner_of(&ring, port);
         // Four other tokens of the same bucket, learned 10, 20, 30, 40 s ago, each on a
         // backend of the VIP's service (live: the idle time is an hour).
-        let (mask, seed) = (dp.maps.tokens.buckets() - 1, dp.maps.tokens.seed());
+        let (mask, seed) = (dp.maps.tokens.buckets() - 1, dp.maps.tokens.key());
         let bucket = lb_common::tokens::bucket_of(token, mask, seed);
         let others: Vec<u32> = (1u32..)
             .filter(|t| *t != token && lb_common::tokens::bucket_of(*t, mask, seed) == bucket)

@@ -74,7 +74,10 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
         dp.maps
             .tokens
             .set(TOKEN, &token, lb_common::maps::DEFAULT_TOKEN_IDLE_NS);
-        (dp.program().info().expect("info").id(), dp.maps.tokens.seed())
+        (
+            dp.program().info().expect("info").id(),
+            dp.maps.tokens.key(),
+        )
     });
     let (first, seed) = first;
     // The process's handles are gone; the pinned link keeps the program attached.
@@ -97,9 +100,9 @@ fn pins_survive_a_restart_and_mismatches_are_refused() {
             .expect("the connection table survived the restart");
         assert_eq!(conn.backend, 1);
         // The token table keeps its bucket key, so its tokens are found where they are.
-        assert_eq!(dp.maps.tokens.seed(), seed, "the token table's key survived");
+        assert_eq!(dp.maps.tokens.key(), seed, "the token table's key survived");
         assert_eq!(
-            dp.maps.config.get(&0, 0).expect("config").token_seed,
+            dp.maps.config.get(&0, 0).expect("config").token_key,
             seed,
             "the dataplane uses it"
         );
