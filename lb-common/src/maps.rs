@@ -640,8 +640,6 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AddrKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for crate::tokens::TokenBucket {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::BenchFrame {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NextHop {}

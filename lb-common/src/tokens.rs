@@ -53,6 +53,10 @@ pub struct TokenBucket {
 }
 const _: () = assert!(core::mem::size_of::<TokenBucket>() == 64);
 
+// SAFETY: #[repr(C)], bytemuck::Pod (no padding, any bit pattern).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TokenBucket {}
+
 /// What a slot says of its token.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenId {

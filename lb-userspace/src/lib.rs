@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod announce;
 pub mod announcement;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod controller;

@@ -110,7 +110,7 @@ fn page_size() -> usize {
 
 /// CLOCK_MONOTONIC_COARSE, the dataplane's clock.
 fn now_ns() -> u64 {
-    crate::controller::monotonic_coarse_ns()
+    crate::clock::monotonic_coarse_ns()
 }
 
 impl TokenTable {
