@@ -136,7 +136,7 @@ async fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     if adopted {
         tracing::info!(pin_path = %b.pin_path.display(), "adopting the pinned maps: connection and token tables carry over");
     }
-    // Rare kernel-side events (token collisions, limits reached, refused inserts, joins
+    // Rare kernel-side events (token collisions, limits reached, joins
     // for a backend out of service) come through aya-log into this daemon's log, at
     // debug level under the target `lb_ebpf`.
     match crate::kernel_log::forward(&mut dp) {
