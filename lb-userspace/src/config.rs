@@ -332,6 +332,14 @@ fn default_max_learn_rate() -> u32 {
 /// 10,000 tokens a second per CPU: far above the new MPTCP connections one CPU of a
 /// balancer sees, and 5 ms of SHA-256 a second at most.
 pub const DEFAULT_MAX_LEARN_RATE: u32 = 10_000;
+impl BalancerConfig {
+    /// `token_idle_secs` in ns: how long a token routes joins without traffic (never 0:
+    /// validation refuses it).
+    pub fn token_idle_ns(&self) -> u64 {
+        self.token_idle_secs.saturating_mul(1_000_000_000)
+    }
+}
+
 fn default_token_idle_secs() -> u64 {
     lb_common::maps::DEFAULT_TOKEN_IDLE_NS / 1_000_000_000
 }

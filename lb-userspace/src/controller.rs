@@ -156,7 +156,7 @@ pub fn dataplane_config(cfg: &FileConfig) -> Config {
             0
         },
         flags,
-        token_idle_ns: b.token_idle_secs.saturating_mul(1_000_000_000),
+        token_idle_ns: b.token_idle_ns(),
         max_conn_rate: b.max_conn_rate,
         max_learn_rate: b.max_learn_rate,
         // Set by `Dataplane::set_config`, which knows which VIP table is live and how
@@ -848,11 +848,7 @@ impl Controller {
         }
         let id = b.id;
         let now = monotonic_coarse_ns();
-        let idle = self
-            .config
-            .balancer
-            .token_idle_secs
-            .saturating_mul(1_000_000_000);
+        let idle = self.config.balancer.token_idle_ns();
         let old = self.dp.maps.tokens.get(e.token);
         if !e.live {
             // Every slot of this backend's (two writers at one instant may have left two).

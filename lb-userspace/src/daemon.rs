@@ -734,10 +734,7 @@ async fn token_sweep_loop(shared: Arc<Shared>, table: crate::token_table::TokenT
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let idle = match shared.ctl.lock().await.config.balancer.token_idle_secs {
-            0 => lb_common::maps::DEFAULT_TOKEN_IDLE_NS,
-            s => s.saturating_mul(1_000_000_000),
-        };
+        let idle = shared.ctl.lock().await.config.balancer.token_idle_ns();
         let t = table.clone();
         if let Ok(n) = tokio::task::spawn_blocking(move || t.remove_idle(idle)).await
             && n > 0

@@ -403,11 +403,9 @@ impl Dataplane {
         // one. Adopted pins keep their key (their tokens sit where it put them).
         let mut cfg = maps.config.get(&0, 0).context("reading LB_CONFIG")?;
         if cfg.token_key == [0; 2] {
-            let key = random_key()?;
-            maps.tokens.set_key(key);
-            cfg.token_key = key;
+            maps.tokens.set_key(random_key()?);
         }
-        cfg.token_mask = maps.tokens.buckets() - 1;
+        maps.tokens.write_into(&mut cfg);
         maps.config.set(0, cfg, 0).context("writing LB_CONFIG")?;
         // Adopted pins: the tables as the previous process left them.
         let vip_live = maps.config.get(&0, 0).map_or(0, |c| c.vip_table & 1);
@@ -500,8 +498,7 @@ impl Dataplane {
         let mut cfg = self.maps.config.get(&0, 0).context("reading LB_CONFIG")?;
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = next;
-        cfg.token_mask = self.maps.tokens.buckets() - 1;
-        cfg.token_key = self.maps.tokens.key();
+        self.maps.tokens.write_into(&mut cfg);
         self.maps
             .config
             .set(0, cfg, 0)
@@ -566,8 +563,7 @@ impl Dataplane {
     pub fn set_config(&mut self, mut cfg: Config) -> anyhow::Result<()> {
         cfg.ring_size = self.sizes.ring_size;
         cfg.vip_table = self.vip_live;
-        cfg.token_mask = self.maps.tokens.buckets() - 1;
-        cfg.token_key = self.maps.tokens.key();
+        self.maps.tokens.write_into(&mut cfg);
         self.maps.config.set(0, cfg, 0).context("writing LB_CONFIG")
     }
 

@@ -124,6 +124,13 @@ impl TokenTable {
         self.key
     }
 
+    /// Puts into `cfg` what the dataplane needs to index this table: its mask and key.
+    /// Every write of the config goes through this, so none can leave them stale.
+    pub fn write_into(&self, cfg: &mut lb_common::maps::Config) {
+        cfg.token_mask = self.buckets - 1;
+        cfg.token_key = self.key;
+    }
+
     /// Sets the key of a table that had none yet (all empty), as its dataplane will.
     pub fn set_key(&mut self, key: [u64; 2]) {
         self.key = key;
